@@ -38,6 +38,12 @@ class Sealer:
         if len(key) != 32:
             raise ValueError("the encryption key must be exactly 32 bytes")
         self._aead = AESGCM(key)
+        self._kdf_root = hmac.new(b"mfa-gateway subkeys", key, hashlib.sha256).digest()
+
+    def derive_key(self, purpose: str) -> bytes:
+        """A 32-byte subkey for `purpose` (e.g. keyed hashes of recovery codes), independent
+        of the sealing key itself (HMAC-SHA256 based derivation)."""
+        return hmac.new(self._kdf_root, purpose.encode("utf-8"), hashlib.sha256).digest()
 
     def seal(self, plaintext: bytes, binding: str) -> str:
         """Encrypt `plaintext`; `binding` (e.g. 'totp:alice') must be given again to open."""

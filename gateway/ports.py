@@ -179,8 +179,10 @@ class RevocationStore(Protocol):
         ...
 
     def watch_revocations(self) -> AsyncIterator[tuple[str, float]]:
-        """Yield (jti, exp) as revocations happen anywhere; raises StoreUnavailable when the
-        feed breaks so the caller can fail closed and resubscribe."""
+        """Once subscribed, yield every currently revoked (jti, exp) (the snapshot, so nothing
+        falls between snapshot and subscription), then (jti, exp) as revocations happen
+        anywhere; raises StoreUnavailable when the feed breaks so the caller can fail closed
+        and resubscribe."""
         ...
 
 
@@ -227,3 +229,85 @@ class Store(
         ...
 
     async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- upstream provider
+
+
+@dataclass(frozen=True)
+class UpstreamTokens:
+    """Tokens the upstream provider issued to the gateway (sealed before they reach a store)."""
+
+    access_token: str
+    refresh_token: str | None = None
+    expires_at: float | None = None  # epoch seconds; None when the provider did not say
+    token_type: str = "Bearer"
+    scope: str | None = None
+
+    def to_json(self) -> Json:
+        return {
+            "access_token": self.access_token,
+            "refresh_token": self.refresh_token,
+            "expires_at": self.expires_at,
+            "token_type": self.token_type,
+            "scope": self.scope,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> UpstreamTokens:
+        """Raise ValueError unless `data` has the shape `to_json` writes."""
+        access = data.get("access_token")
+        refresh = data.get("refresh_token")
+        expires = data.get("expires_at")
+        ttype = data.get("token_type", "Bearer")
+        scope = data.get("scope")
+        if not isinstance(access, str) or not access:
+            raise ValueError("access_token missing")
+        if refresh is not None and not isinstance(refresh, str):
+            raise ValueError("refresh_token is not a string")
+        if expires is not None and (
+            isinstance(expires, bool) or not isinstance(expires, int | float)
+        ):
+            raise ValueError("expires_at is not a number")
+        if not isinstance(ttype, str) or (scope is not None and not isinstance(scope, str)):
+            raise ValueError("token_type/scope are not strings")
+        return cls(
+            access_token=access,
+            refresh_token=refresh,
+            expires_at=None if expires is None else float(expires),
+            token_type=ttype,
+            scope=scope,
+        )
+
+
+@dataclass(frozen=True)
+class UpstreamIdentity:
+    """Who logged in upstream: the verified subject and first-factor facts."""
+
+    subject: str
+    amr: tuple[str, ...]  # never contains "mfa"/"otp": only the gateway's step-up adds those
+    auth_time: float
+
+
+class UpstreamIdP(Protocol):
+    """The legacy provider, seen by the flows (`adapters.upstream_oidc.UpstreamClient`).
+
+    Every method raises `core.errors.UpstreamUnavailable` (down, time-out, garbage) or its
+    subclass `UpstreamRejected` (an OAuth error answer, or an ID token that failed checks).
+    """
+
+    async def authorization_url(
+        self, *, redirect_uri: str, state: str, nonce: str, code_challenge: str
+    ) -> str: ...
+
+    async def accepts_response_issuer(self, iss: str | None) -> bool:
+        """RFC 9207 mix-up defence: is this `iss` of an authorization response acceptable?"""
+        ...
+
+    async def login(
+        self, code: str, *, redirect_uri: str, code_verifier: str, nonce: str
+    ) -> tuple[UpstreamIdentity, UpstreamTokens]:
+        """Exchange the code and establish the identity (ID token or userinfo)."""
+        ...
+
+    async def refresh(self, refresh_token: str) -> UpstreamTokens: ...

@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -124,6 +125,11 @@ class ServerSettings(_Model):
     """`[server]`: where the gateway listens and the URL clients see."""
 
     listen: str = Field("127.0.0.1:8080", description="host:port to bind")
+    # Declared before public_url so that public_url's validator sees it even when another
+    # key of [server] is wrong (every problem is reported at once).
+    dev_http_loopback: bool = Field(
+        False, description="allow a plain-http public_url on loopback (development only)"
+    )
     public_url: str = Field(
         ..., description="the issuer and base URL clients use; https except on loopback"
     )
@@ -134,40 +140,37 @@ class ServerSettings(_Model):
     trust_forwarded_headers: bool = Field(
         False, description="take the client IP from X-Forwarded-For (behind a trusted proxy)"
     )
-    request_timeout: Duration = Field(30.0, description="time-out for a whole non-streaming request")
-    dev_http_loopback: bool = Field(
-        False, description="allow a plain-http public_url on loopback (development only)"
+    request_timeout: Duration = Field(
+        30.0, description="time-out for a whole non-streaming request"
+    )
+    shutdown_timeout: Duration = Field(
+        15.0, description="on SIGTERM: how long open requests and streams may still finish"
     )
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
+        _host, sep, port = v.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"expected 'host:port', got {v!r}")
         return v
 
     @field_validator("public_url")
     @classmethod
-    def _public_url(cls, v: str) -> str:
+    def _public_url(cls, v: str, info: ValidationInfo) -> str:
         parts = urlsplit(v)
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ValueError(f"expected an absolute https URL, got {v!r}")
         if parts.query or parts.fragment:
             raise ValueError("must not have a query or fragment")
-        return v.rstrip("/")
-
-    @model_validator(mode="after")
-    def _http_only_loopback(self) -> ServerSettings:
-        parts = urlsplit(self.public_url)
         if parts.scheme == "http":
             if not is_loopback_host(parts.hostname):
-                raise ValueError("public_url: plain http is allowed only on a loopback address")
-            if not self.dev_http_loopback:
+                raise ValueError("plain http is allowed only on a loopback address")
+            if not info.data.get("dev_http_loopback", False):
                 raise ValueError(
-                    "public_url: plain http needs server.dev_http_loopback = true (development only)"
+                    "plain http needs server.dev_http_loopback = true (development only)"
                 )
-        return self
+        return v.rstrip("/")
 
     @property
     def bind_host(self) -> str:
@@ -232,36 +235,38 @@ class StoreSettings(_Model):
 class UpstreamSettings(_Model):
     """`[upstream]`: the legacy provider; the gateway is its confidential client."""
 
+    # Declared before issuer so that issuer's validator sees it (see ServerSettings).
+    allow_insecure_http_loopback: bool = Field(
+        False, description="permit an http:// issuer, and only on a loopback address"
+    )
     issuer: str = Field(..., description="the upstream issuer; discovery is read from it")
     client_id: str = Field(..., min_length=1)
     client_secret: Annotated[SecretStr, BeforeValidator(_secret)]
     scopes: tuple[str, ...] = Field(("openid", "profile", "email"))
     identity_claim: str = Field("sub", description="ID token / userinfo claim naming the user")
     token_endpoint_auth_method: Literal["client_secret_basic", "client_secret_post"] = (
-        "client_secret_basic"
+        "client_secret_basic"  # noqa: S105 - a method name, not a secret
     )
     use_userinfo: bool = Field(False, description="plain OAuth 2.0 provider: read userinfo")
     id_token_algs: tuple[str, ...] = Field(("RS256", "ES256", "PS256", "EdDSA"))
     timeout: Duration = Field(10.0, description="time-out of every call to the upstream")
-    allow_insecure_http_loopback: bool = Field(
-        False, description="permit an http:// issuer, and only on a loopback address"
-    )
     extra_authorize_params: Mapping[str, str] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _issuer(self) -> UpstreamSettings:
-        parts = urlsplit(self.issuer)
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, v: str, info: ValidationInfo) -> str:
+        parts = urlsplit(v)
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
         if parts.scheme == "https" and parts.hostname:
-            return self
+            return v
         if parts.scheme == "http" and parts.hostname:
             if not is_loopback_host(parts.hostname):
-                raise ValueError(f"issuer: must be an https URL, got {self.issuer!r}")
-            if not self.allow_insecure_http_loopback:
-                raise ValueError(
-                    "issuer: plain http needs upstream.allow_insecure_http_loopback = true"
-                )
-            return self
-        raise ValueError(f"issuer: must be an https URL, got {self.issuer!r}")
+                raise ValueError(f"must be an https URL, got {v!r}")
+            if not info.data.get("allow_insecure_http_loopback", False):
+                raise ValueError("plain http needs upstream.allow_insecure_http_loopback = true")
+            return v
+        raise ValueError(f"must be an https URL, got {v!r}")
 
     @field_validator("id_token_algs")
     @classmethod
@@ -278,7 +283,7 @@ class ResourceSettings(_Model):
     path: str = Field(..., description="public path, e.g. /mcp")
     upstream: str = Field(..., description="URL of the MCP server behind the gateway")
     policy: str = Field("default", description="name of a file in policies/ (without .toml)")
-    forward_token: Literal["none", "upstream", "identity"] = "none"
+    forward_token: Literal["none", "upstream", "identity"] = "none"  # noqa: S105 - a mode
     name: str | None = Field(None, description="human name shown on consent pages")
     connect_timeout: Duration = 5.0
     read_timeout: Duration = Field(300.0, description="max silence on a response stream")
@@ -289,7 +294,7 @@ class ResourceSettings(_Model):
     @field_validator("path")
     @classmethod
     def _path(cls, v: str) -> str:
-        if not v.startswith("/") or v != v.rstrip("/") and v != "/":
+        if not v.startswith("/") or (v != v.rstrip("/") and v != "/"):
             raise ValueError(f"expected an absolute path without trailing slash, got {v!r}")
         if any(seg in (".", "..") for seg in v.split("/")) or "%" in v or "//" in v:
             raise ValueError(f"must be a normalised path, got {v!r}")
@@ -344,15 +349,28 @@ class KeySettings(_Model):
             raise ValueError("must be at least 32 characters")
         return v
 
+    @field_validator("signing")
+    @classmethod
+    def _unique_kids(cls, v: tuple[SigningKeySettings, ...]) -> tuple[SigningKeySettings, ...]:
+        kids = [k.kid for k in v]
+        if len(set(kids)) != len(kids):
+            raise ValueError("kid values must be unique")
+        return v
+
+    @field_validator("active_kid")
+    @classmethod
+    def _active_kid(cls, v: str | None, info: ValidationInfo) -> str | None:
+        signing = info.data.get("signing")
+        if v is not None and signing is not None:
+            kids = [k.kid for k in signing]
+            if v not in kids:
+                raise ValueError(f"{v!r} is not one of {kids}")
+        return v
+
     @model_validator(mode="after")
     def _active(self) -> KeySettings:
-        kids = [k.kid for k in self.signing]
-        if len(set(kids)) != len(kids):
-            raise ValueError("signing: kid values must be unique")
         if not self.signing and not self.dev_generate:
             raise ValueError("signing: at least one key is required (or dev_generate = true)")
-        if self.active_kid is not None and self.active_kid not in kids:
-            raise ValueError(f"active_kid: {self.active_kid!r} is not one of {kids}")
         return self
 
     @property
@@ -376,18 +394,21 @@ class GatewayFile(_Model):
     resources: tuple[ResourceSettings, ...] = Field(..., min_length=1)
     keys: KeySettings
     logging: LoggingSettings = LoggingSettings()
-    policies_dir: str = Field("policies", description="folder of policy files, relative to this file")
+    policies_dir: str = Field(
+        "policies", description="folder of policy files, relative to this file"
+    )
     authorization_policy: str = Field(
         "default", description="policy whose registration and consent rules apply globally"
     )
 
-    @model_validator(mode="after")
-    def _unique_paths(self) -> GatewayFile:
-        paths = [r.path for r in self.resources]
+    @field_validator("resources")
+    @classmethod
+    def _unique_paths(cls, v: tuple[ResourceSettings, ...]) -> tuple[ResourceSettings, ...]:
+        paths = [r.path for r in v]
         dups = sorted({p for p in paths if paths.count(p) > 1})
         if dups:
-            raise ValueError(f"resources: duplicate path(s) {dups}")
-        return self
+            raise ValueError(f"duplicate path(s) {dups}")
+        return v
 
 
 # --------------------------------------------------------------------------- policies/*.toml
@@ -449,7 +470,8 @@ class RegistrationPolicy(_Model):
     cimd_timeout: Duration = 5.0
     cimd_cache_ttl: Duration = 3600.0
     cimd_allow_private_addresses: bool = Field(
-        False, description="TEST ONLY: let client-ID metadata documents live on loopback/private IPs"
+        False,
+        description="TEST ONLY: let client-ID metadata documents live on loopback/private IPs",
     )
     cimd_allow_http: bool = Field(False, description="TEST ONLY: allow http:// client-ID URLs")
     clients: tuple[PreRegisteredClient, ...] = ()
@@ -555,8 +577,14 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 
 def _format_errors(filename: str, exc: ValidationError) -> list[str]:
     problems = []
-    for err in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    for err in errors:
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        if err["type"] == "too_short" and any(
+            len(other["loc"]) > len(err["loc"]) and other["loc"][: len(err["loc"])] == err["loc"]
+            for other in errors
+        ):
+            continue  # "needs at least 1 item" only because every item was invalid: noise
         key = _loc(loc)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -565,7 +593,7 @@ def _format_errors(filename: str, exc: ValidationError) -> list[str]:
             msg = "required key is missing"
         else:
             msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-            if "input" in err and err["type"] not in ("value_error", "assertion_error"):
+            if err["type"] not in ("value_error", "assertion_error"):
                 given = err["input"]
                 if not isinstance(given, dict | list) and "secret" not in key:
                     msg += f", got {given!r}"
@@ -589,6 +617,60 @@ def _read_toml(path: Path, display: str, problems: list[str]) -> dict[str, Any] 
     except tomllib.TOMLDecodeError as exc:
         problems.append(f"{display}: (file): not valid TOML: {exc}")
     return None
+
+
+def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = raw.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _tables(raw: Mapping[str, Any], key: str) -> list[tuple[int, Mapping[str, Any]]]:
+    value = raw.get(key)
+    if not isinstance(value, list):
+        return []
+    return [(i, item) for i, item in enumerate(value) if isinstance(item, Mapping)]
+
+
+def _check_references(
+    raw: Mapping[str, Any],
+    display: str,
+    base: Path,
+    policies_dir: Path,
+    policy_names: set[str],
+    problems: list[str],
+) -> None:
+    """Checks across keys and files, on the raw TOML so that they run even when some other key
+    is invalid (every problem is reported at once)."""
+    wanted: set[tuple[str, str]] = set()
+    for i, res in _tables(raw, "resources"):
+        name = res.get("policy", "default")
+        if isinstance(name, str):
+            wanted.add((f"resources[{i}].policy", name))
+    auth_policy = raw.get("authorization_policy", "default")
+    if isinstance(auth_policy, str):
+        wanted.add(("authorization_policy", auth_policy))
+    for key, name in sorted(wanted):
+        broken = any(p.startswith(f"{policies_dir / name}.toml") for p in problems)
+        if name not in policy_names and not broken and policies_dir.is_dir():
+            problems.append(f"{display}: {key}: no policy file {name}.toml in {policies_dir}")
+    for i, sk in _tables(_table(raw, "keys"), "signing"):
+        file = sk.get("file")
+        if isinstance(file, str) and file:
+            kpath = Path(file) if Path(file).is_absolute() else base / file
+            if not kpath.is_file():
+                problems.append(f"{display}: keys.signing[{i}].file: no such file {kpath}")
+    workers = _table(raw, "server").get("workers", 1)
+    store_url = _table(raw, "store").get("url", "memory://")
+    if (
+        isinstance(workers, int)
+        and workers > 1
+        and isinstance(store_url, str)
+        and store_url.startswith("memory:")
+    ):
+        problems.append(
+            f"{display}: server.workers: the in-memory store serves one process only; "
+            "use a redis:// store with workers > 1"
+        )
 
 
 def load_settings(config_path: str | os.PathLike[str]) -> Settings:
@@ -622,21 +704,7 @@ def load_settings(config_path: str | os.PathLike[str]) -> Settings:
     else:
         problems.append(f"{display}: policies_dir: folder {policies_dir} does not exist")
 
-    if gateway is not None:
-        wanted = {(f"resources[{i}].policy", r.policy) for i, r in enumerate(gateway.resources)}
-        wanted.add(("authorization_policy", gateway.authorization_policy))
-        for key, name in sorted(wanted):
-            if name not in policies and not any(p.startswith(f"{policies_dir / name}.toml") for p in problems):
-                problems.append(f"{display}: {key}: no policy file {name}.toml in {policies_dir}")
-        for i, sk in enumerate(gateway.keys.signing):
-            kpath = Path(sk.file) if Path(sk.file).is_absolute() else base / sk.file
-            if not kpath.is_file():
-                problems.append(f"{display}: keys.signing[{i}].file: no such file {kpath}")
-        if gateway.server.workers > 1 and gateway.store.url.startswith("memory:"):
-            problems.append(
-                f"{display}: server.workers: the in-memory store serves one process only; "
-                "use a redis:// store with workers > 1"
-            )
+    _check_references(raw, display, base, policies_dir, set(policies), problems)
     if problems:
         raise ConfigError(problems)
     assert gateway is not None

@@ -169,5 +169,17 @@ class UpstreamUnavailable(Exception):
     """An outbound call to the upstream provider failed (down, time-out, garbage)."""
 
 
+class UpstreamRejected(UpstreamUnavailable):
+    """The upstream answered, but said no: an OAuth error response (`error` holds its code,
+    e.g. `invalid_grant`) or an ID token / userinfo answer that failed verification
+    (`error` = "invalid_id_token"). A subclass, so callers that only fail closed on
+    `UpstreamUnavailable` still do; `str()` is a log reason and never holds a secret."""
+
+    def __init__(self, error: str, reason: str) -> None:
+        super().__init__(reason)
+        self.error = error
+        self.reason = reason
+
+
 class StoreUnavailable(Exception):
     """The state store (Redis) did not answer; callers fail closed."""

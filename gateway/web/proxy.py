@@ -1,0 +1,354 @@
+"""The streaming reverse proxy toward MCP servers: headers, paths, time-outs, relay.
+
+- Request headers (R26, R33): hop-by-hop fields and every field named in `Connection` are
+  removed, so are the client's `Authorization`, `Cookie`, `Origin` and every client-sent identity
+  or forwarding field (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `X-Remote-User`, ...); the
+  gateway then sets `X-Forwarded-For/Proto/Host` itself. MCP fields (`Mcp-Session-Id`,
+  `MCP-Protocol-Version`, `Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`, `Last-Event-ID`) pass.
+- Paths: the request path must be the resource path or below it, made of plain segments;
+  `.`/`..`, empty segments, encoded `/`, `\\`, `.` or control characters are refused, so no
+  request can leave the upstream's prefix.
+- Relay: the upstream response is streamed chunk by chunk as it arrives (SSE events are never
+  buffered) and each write waits for the client to drain (back-pressure). Time-outs: connect,
+  response headers, a whole non-streaming body, and idle silence on a stream. A client that
+  goes away closes the upstream request. A dead or stalled upstream gives 502/504 with a
+  JSON-RPC-shaped body, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import unquote_to_bytes, urlsplit
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+log = structlog.get_logger(__name__)
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+# Never forwarded upstream: credentials, framing the proxy recomputes, and identity or
+# forwarding claims only the gateway may make.
+_STRIP_REQUEST: Final = frozenset(
+    {
+        "authorization",
+        "cookie",
+        "cookie2",
+        "host",
+        "content-length",
+        "expect",
+        "origin",
+        "forwarded",
+        "via",
+        "x-real-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "true-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "remote-user",
+        "x-remote-user",
+        "x-remote-addr",
+        "x-user",
+        "x-user-id",
+        "x-email",
+        "x-preferred-username",
+        "x-access-token",
+        "x-id-token",
+        "x-request-id",
+        "x-api-key",
+    }
+)
+_STRIP_REQUEST_PREFIXES: Final = (
+    "x-forwarded-",
+    "x-original-",
+    "x-auth",
+    "x-remote-",
+    "x-user-",
+    "x-mfa",
+    "x-gateway",
+    "x-identity",
+    "x-authenticated",
+    "x-webauth",
+    "x-proxy",
+    "x-amzn-oidc",
+    "x-goog-authenticated",
+    "x-ms-client-principal",
+    "x-ssl-client",
+    "x-client-cert",
+    "x-forwarded",
+)
+_STRIP_RESPONSE: Final = frozenset(
+    {
+        "content-length",
+        "set-cookie",
+        "set-cookie2",
+        "server",
+        "date",
+        "www-authenticate",
+        "alt-svc",
+    }
+)
+SESSION_HEADER: Final = "Mcp-Session-Id"
+# MCP-TR "Session Management": visible ASCII only.
+_SESSION_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
+_PCHAR = re.compile(r"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*$")
+_QUERY = re.compile(r"^[\x21-\x7e]*$")
+DISCONNECT_POLL: Final = 5.0
+CHUNK_LIMIT: Final = 64 * 1024
+
+
+class ProxyError(Exception):
+    """The upstream could not be reached or did not answer in time (502 / 504)."""
+
+    def __init__(self, status: int, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+
+
+def valid_session_id(value: str) -> bool:
+    return _SESSION_ID.fullmatch(value) is not None
+
+
+def confine_path(raw_path: str, prefix: str) -> str | None:
+    """The part of the raw request path below `prefix` ("" or "/seg/..."), or None if refused.
+
+    `raw_path` is the request target's path as received (still percent-encoded).
+    """
+    if prefix == "/":
+        rest = raw_path
+        if not rest.startswith("/"):
+            return None
+        if rest == "/":
+            return ""
+    else:
+        if raw_path == prefix:
+            return ""
+        if not raw_path.startswith(prefix + "/"):
+            return None
+        rest = raw_path[len(prefix) :]
+    segments = rest[1:].split("/")
+    for i, seg in enumerate(segments):
+        if seg == "" and i != len(segments) - 1:
+            return None  # "//": an empty segment
+        if not _PCHAR.fullmatch(seg):
+            return None
+        decoded = unquote_to_bytes(seg)
+        if decoded in (b".", b"..") or any(c in decoded for c in b"/\\") or any(
+            c < 0x20 or c == 0x7F for c in decoded
+        ):
+            return None
+    return rest
+
+
+def upstream_url(base: str, rest: str, query: str) -> URL | None:
+    """`base` (the resource's upstream URL) + the confined path + the raw query string."""
+    if query and not _QUERY.fullmatch(query):
+        return None
+    text = base.rstrip("/") + rest if rest else base
+    if query:
+        text += "?" + query
+    return URL(text, encoded=True)
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    named: set[str] = set()
+    for value in headers.getall("Connection", []):
+        named.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return named
+
+
+def _strip_request_field(name: str) -> bool:
+    lname = name.lower()
+    return (
+        lname in HOP_BY_HOP
+        or lname in _STRIP_REQUEST
+        or lname.startswith(_STRIP_REQUEST_PREFIXES)
+    )
+
+
+def forward_request_headers(
+    headers: CIMultiDictProxy[str],
+    *,
+    client_ip: str,
+    proto: str,
+    host: str,
+) -> CIMultiDict[str]:
+    """The headers sent upstream: the client's minus everything stripped, plus X-Forwarded-*."""
+    named = _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if _strip_request_field(name) or name.lower() in named:
+            continue
+        out.add(name, value)
+    out["X-Forwarded-For"] = client_ip
+    out["X-Forwarded-Proto"] = proto
+    out["X-Forwarded-Host"] = host
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's response headers minus hop-by-hop, cookies and framing."""
+    named = _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in _STRIP_RESPONSE or lname in named:
+            continue
+        out.add(name, value)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds: TCP connect, until response headers, a whole non-stream body, stream silence."""
+
+    connect: float
+    headers: float
+    body: float
+    idle: float
+    disconnect_poll: float = DISCONNECT_POLL
+
+
+def new_upstream_session(*, limit: int = 10_000) -> aiohttp.ClientSession:
+    """One pooled session per upstream: no cookies kept (they would mix users), no env proxy,
+    no transparent decompression (bytes are relayed as they came)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ttl_dns_cache=300),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        trust_env=False,
+        timeout=aiohttp.ClientTimeout(total=None),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+    )
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _is_stream(resp: aiohttp.ClientResponse) -> bool:
+    ctype = resp.headers.get("Content-Type", "")
+    return ctype.split(";", 1)[0].strip().lower() == "text/event-stream"
+
+
+OnResponse = Callable[[aiohttp.ClientResponse], Awaitable[None]]
+
+
+async def open_upstream(
+    session: aiohttp.ClientSession,
+    *,
+    method: str,
+    url: URL,
+    headers: CIMultiDict[str],
+    body: bytes | None,
+    timeouts: Timeouts,
+) -> aiohttp.ClientResponse:
+    """Send the request and wait for the response headers; `ProxyError` on failure."""
+    try:
+        async with asyncio.timeout(timeouts.headers):
+            return await session.request(
+                method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=timeouts.connect, sock_connect=timeouts.connect
+                ),
+            )
+    except aiohttp.ConnectionTimeoutError:
+        raise ProxyError(504, "The MCP server did not accept the connection in time",
+                         "upstream_connect_timeout") from None
+    except TimeoutError:
+        raise ProxyError(504, "The MCP server did not answer in time",
+                         "upstream_timeout") from None
+    except (aiohttp.ClientError, OSError):
+        raise ProxyError(502, "The MCP server is unreachable", "upstream_unreachable") from None
+
+
+async def relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    *,
+    timeouts: Timeouts,
+) -> web.StreamResponse:
+    """Stream `upstream`'s response to the client; always releases `upstream`."""
+    complete = False
+    try:
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        resp.headers.extend(response_headers(upstream.headers))
+        if upstream.content_length is not None and not _is_stream(upstream):
+            resp.content_length = upstream.content_length
+        streaming = _is_stream(upstream)
+        await resp.prepare(request)
+        loop = asyncio.get_running_loop()
+        deadline = None if streaming else loop.time() + timeouts.body
+        idle_since = loop.time()
+        content = upstream.content
+        while True:
+            now = loop.time()
+            limit = min(timeouts.disconnect_poll, idle_since + timeouts.idle - now)
+            if deadline is not None:
+                limit = min(limit, deadline - now)
+            try:
+                async with asyncio.timeout(max(limit, 0.0)):
+                    chunk = await content.readany()
+            except TimeoutError:
+                now = loop.time()
+                if _client_gone(request):
+                    log.info("proxy_stream_closed", reason="client_gone")
+                    break
+                if now - idle_since >= timeouts.idle or (deadline is not None and now >= deadline):
+                    log.warning("proxy_stream_closed", reason="upstream_idle_timeout")
+                    break
+                continue
+            except (aiohttp.ClientError, OSError):
+                log.warning("proxy_stream_closed", reason="upstream_broke")
+                break
+            if not chunk:
+                complete = True
+                break
+            idle_since = loop.time()
+            await resp.write(chunk)  # waits for the client to drain: back-pressure
+        if complete:
+            await resp.write_eof()
+        else:
+            # A stream cut short must not look complete to the client.
+            with contextlib.suppress(Exception):
+                if request.transport is not None:
+                    request.transport.close()
+        return resp
+    finally:
+        if complete:
+            upstream.release()
+        else:
+            upstream.close()
+
+
+def upstream_origin(url: str) -> str:
+    """`scheme://host:port` of an upstream URL (one pooled session per origin)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
