@@ -47,7 +47,9 @@ def read_or_create_seed(path: Path) -> str:
         try:
             return normalize_seed(path.read_text(encoding="ascii"))
         except (SeedError, UnicodeDecodeError) as exc:
-            raise SystemExit(f"{path}: not a usable TOTP seed ({exc}); delete it to get a new one")
+            raise SystemExit(
+                f"{path}: not a usable TOTP seed ({exc}); delete it to get a new one"
+            ) from None
     seed = new_seed()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -84,7 +86,9 @@ def print_banner(settings: Settings, enrollment: Enrollment, password: str | Non
     print(f"point an MCP client at:  {mcp_url}", file=out)
     example = {"mcpServers": {"mfa-demo": {"type": "http", "url": mcp_url}}}
     print(f"e.g. in its config:      {json.dumps(example)}", file=out)
-    print("or: npx @modelcontextprotocol/inspector  (transport: Streamable HTTP, URL above)", file=out)
+    print(
+        "or: npx @modelcontextprotocol/inspector  (transport: Streamable HTTP, URL above)", file=out
+    )
     print(f"gateway: {settings.server.public_url}   (Ctrl-C stops the demo)", file=out)
     print(rule, file=out, flush=True)
 
@@ -106,7 +110,9 @@ async def serve(settings: Settings, user: str, seed: str, password: str | None) 
             try:
                 await site.start()
             except OSError as exc:
-                raise SystemExit(f"cannot listen on {settings.server.listen}: {exc.strerror}")
+                raise SystemExit(
+                    f"cannot listen on {settings.server.listen}: {exc.strerror}"
+                ) from None
             print_banner(settings, enrollment, password)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()

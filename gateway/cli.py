@@ -151,7 +151,7 @@ def _run_with_store(settings: Settings, action: Callable[[Any], Awaitable[int]])
         raise CliError(
             "store.url is memory://: that store lives inside the running gateway process, so "
             "this command would change nothing; configure a redis:// store (or let users "
-            "enrol at first login with stepup.enrollment = \"first_login\")"
+            'enrol at first login with stepup.enrollment = "first_login")'
         )
     from gateway.adapters.factory import open_store
     from gateway.clock import SystemClock
@@ -237,12 +237,16 @@ def cmd_totp_enroll(args: argparse.Namespace) -> int:
             svg = qr.make_image(image_factory=qrcode.image.svg.SvgPathImage).to_string()
             _write_private(Path(args.qr_svg), svg, exclusive=False)
         if args.json:
-            print(json.dumps({
-                "user": enrollment.user,
-                "secret": enrollment.secret,
-                "otpauth_uri": enrollment.otpauth_uri,
-                "recovery_codes": list(enrollment.recovery_codes),
-            }))
+            print(
+                json.dumps(
+                    {
+                        "user": enrollment.user,
+                        "secret": enrollment.secret,
+                        "otpauth_uri": enrollment.otpauth_uri,
+                        "recovery_codes": list(enrollment.recovery_codes),
+                    }
+                )
+            )
             return EXIT_OK
         out = sys.stdout
         print(f"TOTP enrolled for {enrollment.user}", file=out)
@@ -251,8 +255,7 @@ def cmd_totp_enroll(args: argparse.Namespace) -> int:
         print(f"otpauth URI: {enrollment.otpauth_uri}", file=out)
         print(f"Secret (base32, for manual entry): {enrollment.secret}", file=out)
         if enrollment.recovery_codes:
-            print("Recovery codes (each works once; shown only now, store them safely):",
-                  file=out)
+            print("Recovery codes (each works once; shown only now, store them safely):", file=out)
             for code in enrollment.recovery_codes:
                 print(f"  {code}", file=out)
         return EXIT_OK
@@ -444,6 +447,9 @@ def _worker_main(config_path: str) -> None:
     except CliError as exc:
         _err(str(exc))
         code = exc.code
+    except Exception as exc:  # never a traceback, as in `main`
+        _err(f"unexpected error ({type(exc).__name__})")
+        code = EXIT_CONFIG
     sys.exit(code)
 
 
@@ -547,8 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     totp_sub = totp.add_subparsers(dest="totp_command", required=True, metavar="ACTION")
     enroll = totp_sub.add_parser("enroll", parents=[common], help="enrol a user")
     enroll.add_argument("user")
-    enroll.add_argument("--secret", metavar="BASE32",
-                        help="use this seed instead of a random one ('-' reads it from stdin)")
+    enroll.add_argument(
+        "--secret",
+        metavar="BASE32",
+        help="use this seed instead of a random one ('-' reads it from stdin)",
+    )
     enroll.add_argument("--json", action="store_true", help="print one JSON object")
     enroll.add_argument("--qr-png", metavar="PATH", help="also write the QR code as PNG (0600)")
     enroll.add_argument("--qr-svg", metavar="PATH", help="also write the QR code as SVG (0600)")
@@ -565,12 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen = keys_sub.add_parser("generate", parents=[common], help="generate a key or secret")
     what = gen.add_mutually_exclusive_group(required=True)
     what.add_argument("--out", metavar="FILE", help="write a new signing key (PKCS#8 PEM, 0600)")
-    what.add_argument("--encryption-key", action="store_true",
-                      help="print a new [store] encryption_key")
-    what.add_argument("--cookie-secret", action="store_true",
-                      help="print a new [keys] cookie_secret")
-    gen.add_argument("--alg", choices=["ES256", "EdDSA"], default="ES256",
-                     help="signing algorithm of the new key (default ES256)")
+    what.add_argument(
+        "--encryption-key", action="store_true", help="print a new [store] encryption_key"
+    )
+    what.add_argument(
+        "--cookie-secret", action="store_true", help="print a new [keys] cookie_secret"
+    )
+    gen.add_argument(
+        "--alg",
+        choices=["ES256", "EdDSA"],
+        default="ES256",
+        help="signing algorithm of the new key (default ES256)",
+    )
     gen.set_defaults(func=cmd_keys_generate)
     return parser
 

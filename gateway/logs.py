@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
 from typing import Any, Literal, TextIO
 
 import orjson
@@ -128,6 +129,8 @@ _QUOTED_PARAM = re.compile(
     r"""(?:(["'])(?:(?!\4).)*\4|[^\s,}\]\)]+)"""
 )
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+# Every pattern above needs one of these; most values (routes, ids, IPs) have none.
+_SUSPECT = re.compile(r"eyJ|[=:'\"\x00-\x1f\x7f\x85\u2028\u2029]|(?i:bearer|basic|dpop)")
 _CONTROL_NAMES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -140,6 +143,8 @@ def _escape_control(match: re.Match[str]) -> str:
 
 def scrub(text: str) -> str:
     """Mask JWT-shaped strings, auth schemes, secret parameters; neutralise CR/LF (R35)."""
+    if not _SUSPECT.search(text):
+        return text
     text = _JWT.sub(REDACTED, text)
     text = _HEADER_LINE.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
     text = _AUTH_SCHEME.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
@@ -159,6 +164,7 @@ def _scrub_block(text: str) -> str:
     )
 
 
+@lru_cache(maxsize=4096)
 def is_sensitive_key(key: str) -> bool:
     """True if values under this key name are secrets (case-insensitive, '-' same as '_')."""
     norm = key.lower().replace("-", "_")
@@ -251,8 +257,15 @@ def _orjson_dumps(obj: Any, **kw: Any) -> str:
     return orjson.dumps(obj, default=default or str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR, "critical": logging.CRITICAL}
+_installed: list[logging.Handler] = []
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 
 
 def shared_processors() -> list[Processor]:
@@ -325,6 +338,7 @@ def configure_logging(
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    _installed.append(handler)
     root.setLevel(numeric)
     # We write our own `request_finished` line; aiohttp's access log would log raw paths and
     # query strings (authorization codes).
@@ -332,3 +346,17 @@ def configure_logging(
     access.setLevel(logging.CRITICAL + 1)
     access.propagate = False
     logging.captureWarnings(True)
+
+
+def reset_logging() -> None:
+    """Undo `configure_logging` (tests): structlog defaults, our handlers off the root logger,
+    the aiohttp access log and warnings capture back to normal."""
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    root = logging.getLogger()
+    while _installed:
+        root.removeHandler(_installed.pop())
+    access = logging.getLogger("aiohttp.access")
+    access.setLevel(logging.NOTSET)
+    access.propagate = True
+    logging.captureWarnings(False)

@@ -13,7 +13,21 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    120.0,
 )
 
 
@@ -24,37 +38,52 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "mfagw_http_requests", "HTTP requests handled, by canonical route, method and status",
-            ["route", "method", "status"], registry=r,
+            "mfagw_http_requests",
+            "HTTP requests handled, by canonical route, method and status",
+            ["route", "method", "status"],
+            registry=r,
         )
         self.latency = Histogram(
             "mfagw_http_request_duration_seconds",
             "Time from request start until the handler returned (whole stream for streams)",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.stepups = Counter(
-            "mfagw_stepups", "TOTP step-ups: started|succeeded|failed|replayed",
-            ["outcome"], registry=r,
+            "mfagw_stepups",
+            "TOTP step-ups: started|succeeded|failed|replayed",
+            ["outcome"],
+            registry=r,
         )
         self.lockouts = Counter(
-            "mfagw_lockouts", "Lock-outs after too many TOTP failures, by scope (user|ip)",
-            ["scope"], registry=r,
+            "mfagw_lockouts",
+            "Lock-outs after too many TOTP failures, by scope (user|ip)",
+            ["scope"],
+            registry=r,
         )
         self.codes_issued = Counter(
-            "mfagw_codes_issued", "Authorization codes issued after a successful step-up",
+            "mfagw_codes_issued",
+            "Authorization codes issued after a successful step-up",
             registry=r,
         )
         self.tokens = Counter(
-            "mfagw_tokens", "Token events: issued|refreshed|revoked|reuse_detected",
-            ["event"], registry=r,
+            "mfagw_tokens",
+            "Token events: issued|refreshed|revoked|reuse_detected",
+            ["event"],
+            registry=r,
         )
         self.mcp = Counter(
-            "mfagw_mcp_requests", "MCP requests by resource path, outcome and reason",
-            ["resource", "outcome", "reason"], registry=r,
+            "mfagw_mcp_requests",
+            "MCP requests by resource path, outcome and reason",
+            ["resource", "outcome", "reason"],
+            registry=r,
         )
         self.registrations = Counter(
-            "mfagw_client_registrations", "Client registrations by kind (dynamic|cimd)",
-            ["kind"], registry=r,
+            "mfagw_client_registrations",
+            "Client registrations by kind (dynamic|cimd)",
+            ["kind"],
+            registry=r,
         )
 
     def render(self) -> bytes:

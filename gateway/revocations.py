@@ -1,9 +1,11 @@
 """The local set of revoked access-token ids (`jti`), kept current without a round trip per request.
 
 `RevocationSet.run()` subscribes to `store.watch_revocations()` (which yields the store's snapshot
-once subscribed, then each new revocation from any process or replica) and also reads
-`store.revoked_snapshot()` on every (re)subscription and every `resync_interval`, which both
-closes any gap around a subscription and proves the store still answers. While the feed is down
+once subscribed, then each new revocation from any process or replica). A subscription is trusted
+only once it has proved itself live: the set revokes a random probe id (prefix `mfagw-probe:`,
+never a real `jti`, expiring after a minute) and waits for it to come back through the feed.
+`store.revoked_snapshot()` is read again every `resync_interval`, which also proves the store
+still answers. While the feed is down
 the set reports `current = False` and `check()` raises `TemporarilyUnavailable`, so the proxy
 fails closed with 503 instead of accepting a token that might have been revoked (DESIGN §7.8).
 Entries leave the set when the token would have expired anyway.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import AsyncIterator
 
 import structlog
@@ -22,6 +25,9 @@ from gateway.core.errors import StoreUnavailable, TemporarilyUnavailable
 from gateway.ports import RevocationStore
 
 log = structlog.get_logger(__name__)
+
+# Revocation ids with this prefix are liveness probes of the feed, never real token ids.
+PROBE_PREFIX = "mfagw-probe:"
 
 
 class RevocationSet:
@@ -36,6 +42,8 @@ class RevocationSet:
         retry_min: float = 0.05,
         retry_max: float = 2.0,
         prune_every: int = 1024,
+        subscribe_timeout: float = 10.0,
+        probe_ttl: float = 60.0,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -43,6 +51,8 @@ class RevocationSet:
         self._retry_min = retry_min
         self._retry_max = retry_max
         self._prune_every = prune_every
+        self._subscribe_timeout = subscribe_timeout
+        self._probe_ttl = probe_ttl
         self._revoked: dict[str, float] = {}
         self._current = False
         self._added = 0
@@ -81,7 +91,7 @@ class RevocationSet:
             await self._became_current.wait()
 
     def _add(self, jti: str, exp: float) -> None:
-        if exp <= self._clock.now():
+        if exp <= self._clock.now() or jti.startswith(PROBE_PREFIX):
             return
         if self._revoked.get(jti, 0.0) < exp:
             self._revoked[jti] = exp
@@ -112,6 +122,18 @@ class RevocationSet:
         feed: AsyncIterator[tuple[str, float]] = aiter(self._store.watch_revocations())
         pending: asyncio.Future[tuple[str, float]] = asyncio.ensure_future(anext(feed))
         try:
+            # Prove the subscription is live before trusting the set: revoke a random probe id
+            # and wait until it comes back through this very feed (live message, or the
+            # snapshot a store yields once subscribed).
+            probe = PROBE_PREFIX + secrets.token_urlsafe(12)
+            await self._store.revoke_jti(probe, self._clock.now() + self._probe_ttl)
+            async with asyncio.timeout(self._subscribe_timeout):
+                while True:
+                    jti, exp = await pending
+                    pending = asyncio.ensure_future(anext(feed))
+                    if jti == probe:
+                        break
+                    self._add(jti, exp)
             await self._resync()
             self._set_current(True)
             self._went_current = True

@@ -452,9 +452,9 @@ class PreRegisteredClient(_Model):
 
     client_id: str = Field(..., min_length=1, max_length=255)
     client_name: str | None = None
-    client_secret: Annotated[SecretStr | None, BeforeValidator(
-        lambda v, info: None if v is None else _secret(v, info)
-    )] = None
+    client_secret: Annotated[
+        SecretStr | None, BeforeValidator(lambda v, info: None if v is None else _secret(v, info))
+    ] = None
     redirect_uris: tuple[str, ...] = Field(..., min_length=1)
     scopes: tuple[str, ...] | None = None
 

@@ -53,9 +53,17 @@ const { values: args } = parseArgs({
     'accounts-file': { type: 'string' },
     'cookie-key': { type: 'string', default: process.env.LEGACY_IDP_COOKIE_KEY },
     'access-token-ttl': { type: 'string', default: '3600' },
+    help: { type: 'boolean', default: false },
   },
   strict: true,
 });
+
+if (args.help) {
+  const lines = fs.readFileSync(new URL(import.meta.url), 'utf8').split('\n');
+  const header = lines.slice(0, lines.findIndex((line) => !line.startsWith('//')));
+  process.stdout.write(`${header.map((line) => line.slice(3)).join('\n')}\n`);
+  process.exit(0);
+}
 
 const port = Number.parseInt(args.port, 10);
 if (!Number.isInteger(port) || port < 0 || port > 65535) fail(`--port: not a port: ${args.port}`);

@@ -233,13 +233,13 @@ def looks_like_cimd(client_id: str) -> bool:
 
 def check_cimd_url(url: str, *, allow_http: bool = False) -> str:
     """Return `url` if it may name a metadata document; `CimdUrlError` otherwise (R24)."""
+    if "#" in url:
+        raise CimdUrlError("must not have a fragment")
     if len(url) > 2000 or re.fullmatch(r"[A-Za-z0-9\-._~:/?\[\]@!$&'()*+,;=%]+", url) is None:
         raise CimdUrlError("not a plain URL")
     parts = urlsplit(url)
     if parts.scheme != "https" and not (allow_http and parts.scheme == "http"):
         raise CimdUrlError("must be https")
-    if "#" in url:
-        raise CimdUrlError("must not have a fragment")
     if "@" in parts.netloc:
         raise CimdUrlError("must not have userinfo")
     if not parts.hostname:

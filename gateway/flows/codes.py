@@ -41,11 +41,13 @@ def resource_policy(settings: Settings, resource_url: str) -> Policy:
 
 
 def gateway_amr(upstream_amr: object) -> list[str]:
-    """The upstream's `amr` (default `["pwd"]`) plus `otp` and `mfa`, deduplicated, in order."""
-    values: Iterable[object] = (
-        upstream_amr if isinstance(upstream_amr, list) and upstream_amr else DEFAULT_UPSTREAM_AMR
-    )
-    kept = [v for v in values if isinstance(v, str) and v]
+    """The upstream's `amr` (default `["pwd"]`) plus `otp` and `mfa`, deduplicated, in order.
+
+    `otp`/`mfa` claimed by the upstream are dropped first: in a gateway token they always mean
+    the gateway's own step-up.
+    """
+    values: Iterable[object] = upstream_amr if isinstance(upstream_amr, list) else ()
+    kept = [v for v in values if isinstance(v, str) and v and v not in STEP_UP_AMR]
     return list(dict.fromkeys([*(kept or DEFAULT_UPSTREAM_AMR), *STEP_UP_AMR]))
 
 

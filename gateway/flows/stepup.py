@@ -11,9 +11,10 @@ first-login enrolment). Order of checks, each failing with the same generic resu
    `totp_replay_rejected`); recovery-code shaped → `use_recovery_code` (once each);
 4. a failure also counts against the client IP; at a limit the lock is set (store-side TTL,
    shared by every replica) and reported once;
-5. success: one winner per transaction, the user's failure budget cleared, stage → `done`,
-   `auth_time` = now, `amr` = upstream methods + `otp`, `mfa`; only then
-   `flows.codes.issue_code` makes the authorization code and the client redirect is built.
+5. success: the user's failure budget is cleared, stage → `done`, `auth_time` = now,
+   `amr` = upstream methods + `otp`, `mfa`; only then `flows.codes.issue_code` makes the
+   authorization code, consuming the stored transaction atomically (one code per
+   transaction, even when two different valid codes race), and the client redirect is built.
 
 The result carries the exact reason for the log; the user only ever sees one message.
 """
@@ -34,7 +35,7 @@ from gateway.flows.enrollment import (
     open_seed,
     store_enrollment,
 )
-from gateway.flows.upstream_login import remaining_ttl, stepup_policy
+from gateway.flows.upstream_login import stepup_policy
 from gateway.metrics import Metrics
 from gateway.ports import Json, Store
 from gateway.settings import Settings
@@ -58,7 +59,6 @@ Reason = Literal[
     "not_enrolled",
     "seed_unreadable",
     "recovery_code_invalid",
-    "already_completed",
 ]
 Method = Literal["totp", "recovery_code", "enrollment"]
 
@@ -224,10 +224,6 @@ async def verify_stepup(
             return await failed("recovery_code_invalid")
         method = "recovery_code"
 
-    ttl = remaining_ttl(settings, tx, now)
-    # One winner per transaction, even if two different valid codes race.
-    if await store.incr_counter(f"stepup:done:{txid}", ttl) != 1:
-        return result("already_completed")
     await store.clear_counter(keys.user_failures)
     if pending is not None:
         await store_enrollment(store, sealer, user, pending.seed, pending.recovery_codes, now)
@@ -236,8 +232,10 @@ async def verify_stepup(
     amr_upstream = tx.get("amr_upstream")
     amr = [a for a in amr_upstream if isinstance(a, str)] if isinstance(amr_upstream, list) else []
     amr = [a for a in amr if a not in STEPUP_AMR] or ["pwd"]
+    # Not written back: `issue_code` consumes the stored transaction atomically (and checks
+    # that it still agrees with this copy), so of two racing successes only one gets a code,
+    # and a transaction already consumed can never be re-created here.
     tx.update(stage="done", auth_time=now, amr=[*amr, *STEPUP_AMR], stepup_method=method)
-    await store.put_transaction(txid, tx, ttl)
     try:
         auth_code = await issue_code(store, settings, txid, tx, now, metrics=metrics)
     except StepUpIncomplete as exc:

@@ -66,6 +66,7 @@ from gateway.web.bearer import BearerAuth, extract_bearer
 from gateway.web.context import client_ip
 from gateway.web.errors import bearer_challenge, jsonrpc_error
 from gateway.web.proxy import (
+    DISCONNECT_POLL,
     SESSION_HEADER,
     ProxyError,
     Timeouts,
@@ -171,6 +172,7 @@ def _runtime(settings: Settings, resource: ResourceSettings) -> ResourceRuntime:
             headers=settings.server.request_timeout,
             body=settings.server.request_timeout,
             idle=resource.read_timeout,
+            disconnect_poll=DISCONNECT_POLL,
         ),
     )
 

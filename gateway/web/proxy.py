@@ -332,7 +332,11 @@ async def relay(
                 complete = True
                 break
             idle_since = loop.time()
-            await resp.write(chunk)  # waits for the client to drain: back-pressure
+            try:
+                await resp.write(chunk)  # waits for the client to drain: back-pressure
+            except ConnectionResetError:
+                log.info("proxy_stream_closed", reason="client_gone")
+                break
         if complete:
             await resp.write_eof()
         else:

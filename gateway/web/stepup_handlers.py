@@ -299,7 +299,7 @@ async def totp_submit(request: web.Request) -> web.StreamResponse:
     if isinstance(loaded, web.Response):
         return loaded
     txid, tx = loaded
-    if False and not app[COOKIES].check_csrf(f"{_csrf_form(tx)}:{txid}", fields["csrf"]):
+    if not app[COOKIES].check_csrf(f"{_csrf_form(tx)}:{txid}", fields["csrf"]):
         log.info("totp_failed", reason="csrf", client_id=tx.get("client_id"), sub=tx.get("sub"))
         return html_error(
             request,
@@ -328,8 +328,6 @@ async def totp_submit(request: web.Request) -> web.StreamResponse:
         resp = web.Response(status=303, headers={"Location": result.redirect_to, **_NO_STORE})
         app[COOKIES].clear(resp, "tx")
         return resp
-    if result.reason == "already_completed":
-        return _bad_link(request)
     try:
         return _stepup_page(request, txid, tx, error=GENERIC_FAILURE, status=400)
     except (SealError, ValueError):
@@ -348,9 +346,6 @@ def _audit(request: web.Request, result: StepUpResult) -> None:
             log.info("totp_enrolled", **ctx)
         log.info("totp_accepted", method=result.method, **ctx)
         metrics.stepups.labels(outcome="succeeded").inc()
-        return
-    if result.reason == "already_completed":
-        log.info("totp_failed", reason=result.reason, **ctx)
         return
     if result.replayed:
         log.warning("totp_replay_rejected", reason=result.reason, **ctx)

@@ -172,6 +172,36 @@ async def test_initialize_era_client_through_the_gateway_keeps_its_session(
     assert all(r["authorization"] is None for r in http)
 
 
+async def test_forward_token_upstream_sends_the_users_upstream_token_not_the_clients(
+    gateway_factory: GatewayFactory,
+    legacy_idp: LegacyIdp,
+    mcp_server_factory: McpServerFactory,
+) -> None:
+    """With forward_token = "upstream" the MCP server (which introspects at the legacy provider)
+    receives alice's upstream access token on every request, never the client's token
+    (invariant 7, R26)."""
+    server = mcp_server_factory(introspect=legacy_idp)
+    gw = await gateway_factory(
+        resources=[{"path": "/mcp", "upstream": server.url, "forward_token": "upstream"}]
+    )
+    await gw.enroll("alice", ALICE_SECRET)
+    async with (
+        UserAgent(redirect_uri=DEFAULT_REDIRECT_URI, answers=_answers(legacy_idp)) as ua,
+        oauth_mcp_client(gw.resource_url(), useragent=ua) as conn,
+    ):
+        result = await conn.client.call_tool("whoami", {})
+        tokens = conn.storage.tokens
+    assert tokens is not None
+    assert result.structured_content is not None
+    assert result.structured_content["introspection"]["sub"] == "alice"
+    assert result.structured_content["introspection"]["client_id"] == legacy_idp.client_id
+    received = server.authorizations()
+    assert received
+    assert all(a is not None and a.startswith("Bearer ") for a in received)
+    assert all(a != f"Bearer {tokens.access_token}" for a in received)
+    assert server.tool_runs() == ["whoami"]
+
+
 async def test_wrong_totp_code_gets_no_code_and_the_page_again(
     gateway_factory: GatewayFactory,
     legacy_idp: LegacyIdp,

@@ -229,6 +229,40 @@ async def test_unknown_user_is_refused_like_a_wrong_password(legacy_idp: LegacyI
     assert "Invalid username or password." in outcome.page.html
 
 
+async def test_login_form_is_bound_to_the_browser_and_takes_only_forms(
+    legacy_idp: LegacyIdp,
+) -> None:
+    """The login POST from another browser (no interaction cookie) is refused with 400; a
+    non-form body is 415 and an oversized form 413, and none of them logs anyone in."""
+    redirect_uri = legacy_idp.redirect_uris[0]
+    url = _authorization_url(
+        legacy_idp,
+        client_id=legacy_idp.client_id,
+        redirect_uri=redirect_uri,
+        state="s3",
+        nonce="n3",
+        verifier=secrets.token_urlsafe(32),
+    )
+    async with UserAgent(redirect_uri=redirect_uri) as ua:
+        outcome = await ua.run(url, stop=lambda page: page.has_field("password"))
+        assert outcome.page is not None
+        form = outcome.page.form()
+        assert form is not None
+        good = {"username": "alice", "password": legacy_idp.accounts["alice"]}
+        async with UserAgent(redirect_uri=redirect_uri) as other:
+            stolen = await other.request("POST", form.action, data=good)
+        assert stolen.status == 400
+        assert stolen.location is None
+        as_json = await ua.client.post(form.action, json=good)
+        assert as_json.status_code == 415
+        huge = await ua.request("POST", form.action, data=good | {"pad": "x" * 20_000})
+        assert huge.status == 413
+        # The browser's own, well-formed post still works afterwards.
+        response = await ua.authorize(outcome.page.url, answers=good)
+    assert response.code is not None
+    assert response.state == "s3"
+
+
 async def test_code_flow_with_pkce_yields_an_id_token_with_amr_pwd_only(
     legacy_idp: LegacyIdp,
 ) -> None:

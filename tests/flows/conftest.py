@@ -169,7 +169,9 @@ class Harness:
 
     @property
     def app(self) -> web.Application:
-        return self.client.server.app  # type: ignore[return-value]
+        app = self.client.app
+        assert app is not None
+        return app
 
     @property
     def issuer(self) -> str:

@@ -242,8 +242,9 @@ async def test_valid_request_shows_consent_before_any_upstream_hop(
     assert "<strong class=\"mono\">127.0.0.1</strong>" in html  # the redirect host (R24)
     assert "localhost" in html  # the localhost-only warning (R24)
     assert gw.resource in html
-    assert "<code>mcp</code>" in html and "<code>offline_access</code>" in html
-    csrf, txid = await consent_form(resp)
+    assert "<code>mcp</code>" in html
+    assert "<code>offline_access</code>" in html
+    _csrf, txid = await consent_form(resp)
     assert gw.tx_cookie() is not None
     tx = await store.get_transaction(txid)
     assert tx is not None

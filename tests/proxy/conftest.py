@@ -197,7 +197,10 @@ async def make_gateway(
     upstream_peer: Peer,
     aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
 ) -> MakeGateway:
-    """`await make_gateway(resources=..., policy=..., store=..., **config)` -> a ready Gateway."""
+    """`await make_gateway(resources=..., policy=..., store=..., **config)` -> a ready Gateway.
+
+    `setup(app)` runs before the app starts (e.g. to append a cleanup context).
+    """
     counter = 0
 
     async def factory(
@@ -207,6 +210,7 @@ async def make_gateway(
         store: Store | None = None,
         clock: FixedClock | None = None,
         wait_ready: bool = True,
+        setup: Callable[[web.Application], None] | None = None,
         **overrides: Any,
     ) -> Gateway:
         nonlocal counter
@@ -223,6 +227,8 @@ async def make_gateway(
         the_clock = clock or FixedClock(SystemClock().now())
         the_store: Store = store if store is not None else MemoryStore(the_clock)
         app = build_test_app(settings, the_store, the_clock)
+        if setup is not None:
+            setup(app)
         client = await aiohttp_client(app)
         gw = Gateway(client=client, app=app, settings=settings, store=the_store,
                      clock=the_clock)
@@ -231,6 +237,13 @@ async def make_gateway(
         return gw
 
     return factory
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 3.0) -> None:
+    """Wait until `predicate()` holds (state another task updates), or fail after `within`."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - polling state owned by another task
+            await asyncio.sleep(0.01)
 
 
 def challenge(error: str | None = None, description: str | None = None, *,

@@ -7,9 +7,20 @@ import base64
 import json
 from typing import Any
 
+from gateway.adapters.memory_store import MemoryStore
+from gateway.clock import FixedClock, SystemClock
+from gateway.core.errors import StoreUnavailable
 from gateway.core.tokens import ALLOWED_ALGS
 from gateway.web.bearer import BearerAuth
-from tests.proxy.conftest import PRM, MakeGateway, Peer, challenge, rpc, tool_call
+from tests.proxy.conftest import (
+    PRM,
+    MakeGateway,
+    Peer,
+    challenge,
+    eventually,
+    rpc,
+    tool_call,
+)
 
 INVALID = ("invalid_token", "The access token is invalid")
 MFA = ("insufficient_user_authentication", "Multi-factor authentication is required")
@@ -202,9 +213,7 @@ class TestRevocation:
         assert (await _post(gw, gw.auth(token))).status == 200
         payload = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
         await gw.store.revoke_jti(payload["jti"], payload["exp"])
-        async with asyncio.timeout(2):
-            while not gw.state.revocations.is_revoked(payload["jti"]):
-                await asyncio.sleep(0.01)
+        await eventually(lambda: gw.state.revocations.is_revoked(payload["jti"]))
         resp = await _post(gw, gw.auth(token))
         assert resp.status == 401
         assert resp.headers["WWW-Authenticate"] == challenge(*INVALID)
@@ -218,9 +227,7 @@ class TestRevocation:
         token = gw.token()
         assert (await _post(gw, gw.auth(token))).status == 200
         await gw.store.close()  # breaks the feed; every store call fails from now on
-        async with asyncio.timeout(2):
-            while gw.state.revocations.current:
-                await asyncio.sleep(0.01)
+        await eventually(lambda: not gw.state.revocations.current)
         resp = await _post(gw, gw.auth(token))
         assert resp.status == 503
         assert (await resp.json())["error"] == {
@@ -228,9 +235,16 @@ class TestRevocation:
         assert len(upstream_peer.seen) == 1
 
     async def test_not_ready_before_first_snapshot(self, make_gateway: MakeGateway) -> None:
-        """Until the first snapshot arrived nothing is let through."""
-        gw = await make_gateway(wait_ready=False)
-        gw.state.revocations._set_current(False)
+        """Until the revocation feed delivered once, nothing is let through (503)."""
+
+        class NoFeed(MemoryStore):
+            async def revoked_snapshot(self) -> dict[str, float]:
+                raise StoreUnavailable("redis: ConnectionError")
+
+        clock = FixedClock(SystemClock().now())
+        gw = await make_gateway(store=NoFeed(clock), clock=clock, wait_ready=False)
+        await asyncio.sleep(0.1)
+        assert not gw.state.revocations.current
         resp = await _post(gw, gw.auth())
         assert resp.status == 503
 

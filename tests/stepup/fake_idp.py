@@ -72,11 +72,12 @@ class FakeIdp:
         self.user = "alice"
         self.amr: Any = ["pwd"]
         # switches
-        self.discovery: str = "ok"  # ok | garbage | 500 | wrong_issuer | stall | oidc_404
+        self.discovery: str = "ok"  # ok | garbage | 500 | wrong_issuer | stall | oidc_404 | huge
         self.token: str = "ok"  # ok | error | garbage | 500 | stall | no_id_token
         self.refresh: str = "ok"  # ok | error | stall
         self.id_token_claims: dict[str, Any] = {}  # overrides of ID token claims
         self.id_token_header: dict[str, Any] = {}
+        self.jwk_extra: dict[str, Any] = {}  # overrides of every published JWK
         self.sign_with: SigningKey | None = None  # sign with another key (bad signature)
         self.hs256_secret: str | None = None  # sign with HMAC (key confusion attempt)
         self.unsigned = False  # alg none
@@ -131,6 +132,8 @@ class FakeIdp:
             return web.Response(text="<html>not json</html>", content_type="application/json")
         if mode == "500":
             return web.json_response({"error": "boom"}, status=500)
+        if mode == "huge":
+            return web.json_response({**self.metadata(), "padding": "x" * (2 * 1024 * 1024)})
         doc = self.metadata()
         if mode == "wrong_issuer":
             doc["issuer"] = self.issuer + "/other"
@@ -144,7 +147,7 @@ class FakeIdp:
 
     async def _jwks(self, request: web.Request) -> web.StreamResponse:
         self._hit("jwks")
-        return web.json_response({"keys": [k.jwk() for k in self.published]})
+        return web.json_response({"keys": [{**k.jwk(), **self.jwk_extra} for k in self.published]})
 
     # ------------------------------------------------------------------ front channel
 

@@ -11,7 +11,9 @@ from structlog.testing import capture_logs
 
 from gateway.core import totp
 from gateway.crypto import SealError
+from gateway.flows.upstream_login import begin_upstream_login
 from gateway.flows.upstream_tokens import blob_key
+from gateway.web.stepup_handlers import UPSTREAM
 from tests.stepup.conftest import CLIENT_REDIRECT, PUBLIC_URL, Gateway, GatewayFactory
 from tests.stepup.fake_idp import SigningKey
 
@@ -311,3 +313,19 @@ async def test_enrolled_user_cannot_reenrol_from_the_browser(
     assert record is not None
     assert enrolled.secret != secret.group(1)
     assert totp.normalize_seed(secret.group(1)) == secret.group(1)
+
+
+async def test_superseded_state_is_refused(gateway: Gateway) -> None:
+    """R16: when the login is restarted for the same transaction, the earlier state no longer
+    matches the transaction and is refused; the current one still works."""
+    await gateway.enroll()
+    txid, tx, old_url = await gateway.new_transaction()
+    old = await gateway.upstream_redirect(old_url)
+    new_url = await begin_upstream_login(
+        gateway.store, gateway.app[UPSTREAM], gateway.settings, txid, tx, gateway.clock.now()
+    )
+    resp = await gateway.callback(old, txid)
+    assert resp.status == 400
+    assert gateway.idp.hits.get("token") is None
+    resp = await gateway.callback(await gateway.upstream_redirect(new_url), txid)
+    assert resp.status == 303

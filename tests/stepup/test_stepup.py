@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import MutableMapping
 from html.parser import HTMLParser
@@ -15,7 +16,7 @@ from structlog.testing import capture_logs
 from gateway.core.regulation import keys_for
 from gateway.crypto import token_hash
 from gateway.flows.codes import StepUpIncomplete, issue_code
-from gateway.flows.stepup import GENERIC_FAILURE, verify_stepup
+from gateway.flows.stepup import GENERIC_FAILURE, StepUpNotReady, verify_stepup
 from tests.stepup.conftest import CLIENT_REDIRECT, PUBLIC_URL, Gateway, GatewayFactory
 
 
@@ -478,3 +479,54 @@ async def test_unenrolled_user_gets_a_page_and_no_code(gateway: Gateway) -> None
     assert [e["reason"] for e in events(logs, "upstream_login_failed")] == ["not_enrolled"]
     assert await gateway.store.get_transaction(txid) is None
     assert await gateway.store.get_blob(f"upstream:{txid}") is None
+
+
+async def test_one_code_per_transaction_even_with_two_valid_codes(gateway: Gateway) -> None:
+    """Invariant 4: two different valid codes (steps T and T+1) for one transaction, the second
+    judged on the stale copy a concurrent request holds, produce one code only; the consumed
+    transaction is not re-created."""
+    enrolled = await gateway.enroll()
+    txid = await gateway.login()
+    tx = await gateway.store.get_transaction(txid)
+    assert tx is not None
+    gw = gateway
+    first = await verify_stepup(
+        gw.store,
+        gw.sealer,
+        gw.settings,
+        txid,
+        dict(tx),
+        gw.code(enrolled.secret, 0),
+        "10.0.0.3",
+        gw.clock.now(),
+    )
+    assert first.accepted
+    with pytest.raises(StepUpNotReady):
+        await verify_stepup(
+            gw.store,
+            gw.sealer,
+            gw.settings,
+            txid,
+            dict(tx),
+            gw.code(enrolled.secret, 1),
+            "10.0.0.3",
+            gw.clock.now(),
+        )
+    assert await gateway.store.get_transaction(txid) is None
+
+
+async def test_unreadable_seed_fails_closed(gateway: Gateway) -> None:
+    """Invariant 8/10: a seed that does not open (another key, tampered) is a failure, counted
+    like any other, never an error page with detail or a pass."""
+    enrolled = await gateway.enroll()
+    record = await gateway.store.get_totp("alice")
+    assert record is not None
+    await gateway.store.put_totp(
+        dataclasses.replace(record, user="alice", sealed_seed=record.sealed_seed[:-4] + "AAAA")
+    )
+    txid = await gateway.login()
+    with capture_logs() as logs:
+        resp = await gateway.submit(txid, gateway.code(enrolled.secret))
+    assert resp.status == 400
+    assert GENERIC_FAILURE in await resp.text()
+    assert [e["reason"] for e in events(logs, "totp_failed")] == ["seed_unreadable"]

@@ -73,12 +73,12 @@ async def test_discovery_falls_back_to_rfc8414(idp: FakeIdp, make_client: MakeCl
     assert idp.hits == {"oidc": 1, "oauth": 1}
 
 
-@pytest.mark.parametrize("mode", ["wrong_issuer", "garbage", "500", "stall"])
+@pytest.mark.parametrize("mode", ["wrong_issuer", "garbage", "500", "stall", "huge"])
 async def test_discovery_failures_are_upstream_unavailable(
     idp: FakeIdp, make_client: MakeClient, mode: str
 ) -> None:
-    """Invariant 8: a wrong issuer (exact match required), garbage, 5xx or a stall (time-out)
-    raise `UpstreamUnavailable`, never anything else."""
+    """Invariant 8: a wrong issuer (exact match required), garbage, 5xx, a stall (time-out) or
+    a body over the cap raise `UpstreamUnavailable`, never anything else."""
     idp.discovery = mode
     with pytest.raises(UpstreamUnavailable) as info:
         await make_client(timeout=0.3).metadata()
@@ -267,3 +267,13 @@ def test_carried_amr() -> None:
     assert carried_amr("pwd mfa") == ("pwd",)
     assert carried_amr(None) == ("pwd",)
     assert carried_amr(["pwd", "pwd", "hwk", 3, "x" * 40]) == ("pwd", "hwk")
+
+
+@pytest.mark.parametrize("extra", [{"alg": "ES384"}, {"use": "enc"}, {"kty": "RSA"}])
+async def test_keys_of_another_algorithm_or_use_are_not_used(
+    idp: FakeIdp, make_client: MakeClient, extra: dict[str, str]
+) -> None:
+    """R28: one algorithm per key; encryption keys and keys of another type never verify."""
+    idp.jwk_extra = extra
+    with pytest.raises(UpstreamRejected, match="no matching signing key"):
+        await _login(idp, make_client())

@@ -23,7 +23,12 @@ from gateway.clock import SystemClock
 from gateway.core.errors import StoreUnavailable
 from gateway.crypto import Sealer, new_token, token_hash
 from gateway.ports import RotateOutcome, Store, TotpRecord
-from tests.fixtures.redis_server import RedisServerProcess, _free_port, delete_prefix
+from tests.fixtures.redis_server import (
+    RedisServerProcess,
+    _free_port,
+    delete_prefix,
+    redis_server_binary,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -373,3 +378,10 @@ class TestUrls:
         with pytest.raises(ValueError, match="port") as caught:
             parse_sentinel_url("redis+sentinel://:hunter2secret@h:notaport/svc")
         assert "hunter2secret" not in str(caught.value)
+
+
+def test_missing_redis_server_fails_instead_of_skipping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without `redis-server` on PATH the suite fails with an install hint, never skips."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install redis-server"):
+        redis_server_binary()

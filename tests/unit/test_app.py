@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.adapters.memory_store import MemoryStore
 from gateway.app import build_app, discovery_urls
 from gateway.clock import FixedClock
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, reset_logging
 from gateway.metrics import Metrics
 from gateway.settings import Settings, load_settings
 from gateway.web.appkeys import HTTP, METRICS, SETTINGS, STORE
@@ -42,10 +42,7 @@ def log_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
     try:
         yield lambda: [json.loads(li) for li in buf.getvalue().splitlines()]
     finally:
-        structlog.reset_defaults()
-        structlog.contextvars.clear_contextvars()
-        for h in list(root.handlers):
-            root.removeHandler(h)
+        reset_logging()
         for h in handlers:
             root.addHandler(h)
         root.setLevel(level)
@@ -117,7 +114,8 @@ class TestHealth:
         resp = await client.get("/readyz")
         assert resp.status == 503
         assert await resp.json() == {
-            "status": "unavailable", "checks": {"store": "ok", "upstream": "unavailable"},
+            "status": "unavailable",
+            "checks": {"store": "ok", "upstream": "unavailable"},
         }
         events = [li["event"] for li in log_lines()]
         assert "upstream_unavailable" in events
@@ -141,7 +139,8 @@ class TestHealth:
             resp = await client.get("/readyz")
             assert resp.status == 503
             assert await resp.json() == {
-                "status": "unavailable", "checks": {"store": "unavailable", "upstream": "ok"},
+                "status": "unavailable",
+                "checks": {"store": "unavailable", "upstream": "ok"},
             }
         finally:
             redis.stop()
@@ -162,8 +161,9 @@ class TestHealth:
 
 
 class TestWiring:
-    async def test_shared_state_and_cleanup(self, aiohttp_client: AioClient,
-                                            tmp_path: Path) -> None:
+    async def test_shared_state_and_cleanup(
+        self, aiohttp_client: AioClient, tmp_path: Path
+    ) -> None:
         """build_app sets the shared keys; the HTTP session is opened and closed with the app."""
         settings = _settings(tmp_path)
         store = MemoryStore(FixedClock())
@@ -268,8 +268,14 @@ class TestContext:
 
     @pytest.mark.parametrize(
         ("incoming", "accepted"),
-        [("abc-123", True), ("a" * 64, True), ("a" * 65, False), ("a b", False),
-         ("x\r\ny", False), ("id;drop", False)],
+        [
+            ("abc-123", True),
+            ("a" * 64, True),
+            ("a" * 65, False),
+            ("a b", False),
+            ("x\r\ny", False),
+            ("id;drop", False),
+        ],
     )
     async def test_incoming_request_id_from_trusted_proxy(
         self, aiohttp_client: AioClient, tmp_path: Path, incoming: str, accepted: bool
@@ -327,4 +333,3 @@ class TestContext:
         assert 'mfagw_http_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
         assert "PROPFIND" not in text
         assert "CANARY" not in text
-

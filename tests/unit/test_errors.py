@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -27,7 +26,7 @@ from gateway.core.errors import (
     StoreUnavailable,
     UpstreamUnavailable,
 )
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, reset_logging
 from gateway.settings import load_settings
 from gateway.web.appkeys import SETTINGS
 from gateway.web.context import context_middleware
@@ -101,8 +100,10 @@ class TestRedirectError:
     def test_error_state_and_iss(self) -> None:
         """303 to the verified URI with `error`, `error_description`, `state`, `iss` (R11, R14)."""
         resp = redirect_error(
-            "https://client.example/cb", AccessDenied("user denied"),
-            state="s 1", iss="https://gw.example",
+            "https://client.example/cb",
+            AccessDenied("user denied"),
+            state="s 1",
+            iss="https://gw.example",
         )
         assert resp.status == 303
         assert resp.headers["Location"] == (
@@ -128,7 +129,8 @@ class TestBearerChallenge:
         assert resp.status == 401
         assert resp.headers["WWW-Authenticate"] == f'Bearer resource_metadata="{PRM}"'
         assert _json(resp) == {
-            "jsonrpc": "2.0", "id": None,
+            "jsonrpc": "2.0",
+            "id": None,
             "error": {"code": -32001, "message": "authentication required"},
         }
 
@@ -144,8 +146,9 @@ class TestBearerChallenge:
 
     def test_insufficient_scope(self) -> None:
         """`insufficient_scope` → 403 with `scope` and `resource_metadata` (R29)."""
-        resp = bearer_challenge(InsufficientScope("needs admin", scope="mcp admin"),
-                                resource_metadata=PRM)
+        resp = bearer_challenge(
+            InsufficientScope("needs admin", scope="mcp admin"), resource_metadata=PRM
+        )
         assert resp.status == 403
         assert resp.headers["WWW-Authenticate"] == (
             f'Bearer error="insufficient_scope", error_description="needs admin", '
@@ -178,16 +181,18 @@ def test_jsonrpc_error() -> None:
     """A JSON-RPC 2.0 error with the request's id and `no-store`."""
     resp = jsonrpc_error(400, -32600, "Invalid Request", id=7)
     assert resp.status == 400
-    assert _json(resp) == {"jsonrpc": "2.0", "id": 7,
-                           "error": {"code": -32600, "message": "Invalid Request"}}
+    assert _json(resp) == {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "error": {"code": -32600, "message": "Invalid Request"},
+    }
     assert resp.headers["Cache-Control"] == "no-store"
 
 
 class TestPages:
     def test_render_escapes_every_value(self) -> None:
         """Values are HTML-escaped, attribute quotes included (XSS)."""
-        html = render("error", title="<b>", message='"><script>alert(1)</script>',
-                      request_id="r&1")
+        html = render("error", title="<b>", message='"><script>alert(1)</script>', request_id="r&1")
         assert "<script>" not in html
         assert "&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in html
         assert "&lt;b&gt;" in html
@@ -230,9 +235,14 @@ class TestPages:
     def test_form_action_sources(self) -> None:
         """`form_action` adds the origins/schemes a form POST may redirect to, nothing else."""
         csp = content_security_policy(
-            ["https://IdP.example:8443/authorize?x=1", "http://127.0.0.1:5173/cb",
-             "com.example.app:/cb", "https://idp.example:8443/other",
-             "javascript:alert(1)", "https://user@evil.example/"]
+            [
+                "https://IdP.example:8443/authorize?x=1",
+                "http://127.0.0.1:5173/cb",
+                "com.example.app:/cb",
+                "https://idp.example:8443/other",
+                "javascript:alert(1)",
+                "https://user@evil.example/",
+            ]
         )
         assert csp == (
             "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self' "
@@ -272,9 +282,7 @@ def log_buffer() -> Iterator[io.StringIO]:
     try:
         yield buf
     finally:
-        structlog.reset_defaults()
-        for h in list(root.handlers):
-            root.removeHandler(h)
+        reset_logging()
         for h in handlers:
             root.addHandler(h)
         root.setLevel(level)
@@ -310,10 +318,10 @@ class TestErrorMiddleware:
         assert await resp.json() == {"error": "invalid_grant", "error_description": "bad code"}
         assert resp.headers["Cache-Control"] == "no-store"
 
-    @pytest.mark.parametrize("exc", [StoreUnavailable("redis down"),
-                                     UpstreamUnavailable("idp timeout")])
-    async def test_outage_is_503_json(self, aiohttp_client: AioClient,
-                                      exc: Exception) -> None:
+    @pytest.mark.parametrize(
+        "exc", [StoreUnavailable("redis down"), UpstreamUnavailable("idp timeout")]
+    )
+    async def test_outage_is_503_json(self, aiohttp_client: AioClient, exc: Exception) -> None:
         """Store or upstream failure → 503 `temporarily_unavailable`: fail closed (DESIGN §7.8)."""
         client = await aiohttp_client(_app(exc))
         resp = await client.post("/boom", headers={"Accept": "application/json"})
@@ -335,8 +343,9 @@ class TestErrorMiddleware:
         assert "Temporarily unavailable" in body
         assert resp.headers["X-Request-Id"] in body
 
-    async def test_fault_is_a_bare_500(self, aiohttp_client: AioClient,
-                                       log_buffer: io.StringIO) -> None:
+    async def test_fault_is_a_bare_500(
+        self, aiohttp_client: AioClient, log_buffer: io.StringIO
+    ) -> None:
         """Anything else: generic 500 without detail; traceback only in the log (R35)."""
         client = await aiohttp_client(_app(RuntimeError(CANARY)))
         resp = await client.get("/boom")

@@ -11,7 +11,7 @@ from typing import Literal
 import pytest
 import structlog
 
-from gateway.logs import REDACTED, configure_logging, is_sensitive_key, redact, scrub
+from gateway.logs import REDACTED, configure_logging, is_sensitive_key, redact, reset_logging, scrub
 
 # Canary values: each must never appear in any captured output.
 JWT = (
@@ -52,10 +52,7 @@ def restore_logging() -> Iterator[None]:
     try:
         yield
     finally:
-        structlog.reset_defaults()
-        structlog.contextvars.clear_contextvars()
-        for h in list(root.handlers):
-            root.removeHandler(h)
+        reset_logging()
         for h in handlers:
             root.addHandler(h)
         root.setLevel(level)
@@ -87,9 +84,11 @@ def _plant_everything() -> None:
     )
     log.info(
         "nested",
-        data={"outer": {"refresh_token": CANARIES["nested_refresh"]},
-              "items": [{"code_verifier": CANARIES["nested_verifier"]}],
-              "recovery_codes": [CANARIES["recovery"]]},
+        data={
+            "outer": {"refresh_token": CANARIES["nested_refresh"]},
+            "items": [{"code_verifier": CANARIES["nested_verifier"]}],
+            "recovery_codes": [CANARIES["recovery"]],
+        },
     )
     log.info(
         "upstream_call",
@@ -101,7 +100,9 @@ def _plant_everything() -> None:
         },
     )
     log.info(f"client presented {JWT} in free text")
-    log.info("redirect_built", url=f"https://client.example/cb?code={CANARIES['url_code']}&state=s1")
+    log.info(
+        "redirect_built", url=f"https://client.example/cb?code={CANARIES['url_code']}&state=s1"
+    )
     log.info("parsed", body=repr({"client_secret": CANARIES["repr_secret"], "scope": "mcp"}))
     log.info("auth_header_seen", detail=f"Basic {CANARIES['basic']}")
     try:
@@ -173,7 +174,7 @@ class TestInjection:
         """CR/LF in values and events are escaped: one record is one line (R35, log injection)."""
         buf = _configure("json")
         log = structlog.get_logger("x")
-        log.info("evil\n{\"event\":\"forged\"}", user="bob\r\n{\"level\":\"error\"}")
+        log.info('evil\n{"event":"forged"}', user='bob\r\n{"level":"error"}')
         logging.getLogger("aiohttp.server").warning("line1\nline2")
         lines = buf.getvalue().splitlines()
         assert len(lines) == 2
@@ -233,10 +234,29 @@ class TestConfiguration:
 class TestRedactUnit:
     @pytest.mark.parametrize(
         "key",
-        ["authorization", "Authorization", "set-cookie", "Cookie", "code", "code_verifier",
-         "access_token", "refresh_token", "id_token", "upstream_tokens_key", "client_secret",
-         "password", "seed", "totp", "otp", "otpauth_uri", "recovery_codes", "client_assertion",
-         "pending_seed_sealed", "mcp-session-id", "api_key"],
+        [
+            "authorization",
+            "Authorization",
+            "set-cookie",
+            "Cookie",
+            "code",
+            "code_verifier",
+            "access_token",
+            "refresh_token",
+            "id_token",
+            "upstream_tokens_key",
+            "client_secret",
+            "password",
+            "seed",
+            "totp",
+            "otp",
+            "otpauth_uri",
+            "recovery_codes",
+            "client_assertion",
+            "pending_seed_sealed",
+            "mcp-session-id",
+            "api_key",
+        ],
     )
     def test_sensitive_keys(self, key: str) -> None:
         """Key names of secrets are recognised case-insensitively (R35)."""
@@ -244,8 +264,22 @@ class TestRedactUnit:
 
     @pytest.mark.parametrize(
         "key",
-        ["state", "client_id", "sub", "reason", "resource", "method", "tool", "ip", "status",
-         "token_type", "token_endpoint_auth_method", "error", "route", "duration_ms"],
+        [
+            "state",
+            "client_id",
+            "sub",
+            "reason",
+            "resource",
+            "method",
+            "tool",
+            "ip",
+            "status",
+            "token_type",
+            "token_endpoint_auth_method",
+            "error",
+            "route",
+            "duration_ms",
+        ],
     )
     def test_plain_keys(self, key: str) -> None:
         """Facts the audit log needs are not masked."""
@@ -253,13 +287,27 @@ class TestRedactUnit:
 
     def test_redact_keeps_shape(self) -> None:
         """Numbers and booleans survive; secrets become the marker; lists stay lists."""
-        out = redact(None, "info", {
-            "event": "x", "status": 401, "ok": False, "ratio": 0.5, "none": None,
-            "scopes": ("mcp", "read"), "code": 123456,
-        })
+        out = redact(
+            None,
+            "info",
+            {
+                "event": "x",
+                "status": 401,
+                "ok": False,
+                "ratio": 0.5,
+                "none": None,
+                "scopes": ("mcp", "read"),
+                "code": 123456,
+            },
+        )
         assert out == {
-            "event": "x", "status": 401, "ok": False, "ratio": 0.5, "none": None,
-            "scopes": ["mcp", "read"], "code": REDACTED,
+            "event": "x",
+            "status": 401,
+            "ok": False,
+            "ratio": 0.5,
+            "none": None,
+            "scopes": ["mcp", "read"],
+            "code": REDACTED,
         }
 
     @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ class TestS256:
             calls.append((a, b))
             return real(a, b)
 
-        monkeypatch.setattr(pkce.hmac, "compare_digest", spy)
+        monkeypatch.setattr(hmac, "compare_digest", spy)
         assert pkce.verify_s256(RFC_VERIFIER, RFC_CHALLENGE) is True
         assert calls == [(RFC_CHALLENGE.encode(), RFC_CHALLENGE.encode())]
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from gateway.cli import main
 from gateway.keys import generate_private_key_pem
 from gateway.settings import (
     ConfigError,
@@ -35,8 +36,17 @@ def _problems(path: Path) -> list[str]:
 class TestValues:
     @pytest.mark.parametrize(
         ("given", "seconds"),
-        [("15m", 900.0), ("12h", 43200.0), ("30s", 30.0), ("500ms", 0.5), ("30d", 2592000.0),
-         (" 2 s ", 2.0), ("1.5h", 5400.0), (30, 30.0), (0.25, 0.25)],
+        [
+            ("15m", 900.0),
+            ("12h", 43200.0),
+            ("30s", 30.0),
+            ("500ms", 0.5),
+            ("30d", 2592000.0),
+            (" 2 s ", 2.0),
+            ("1.5h", 5400.0),
+            (30, 30.0),
+            (0.25, 0.25),
+        ],
     )
     def test_durations(self, given: object, seconds: float) -> None:
         """Durations take a unit; bare numbers are seconds."""
@@ -45,7 +55,7 @@ class TestValues:
     @pytest.mark.parametrize("given", ["15", "5 minutes", "", "-1s", True, -1, None, "1w"])
     def test_bad_durations(self, given: object) -> None:
         """A string without a unit, a negative or a bool is refused, not guessed."""
-        with pytest.raises(ValueError, match="duration|negative"):
+        with pytest.raises(ValueError, match=r"duration|negative"):
             parse_duration(given)
 
     @pytest.mark.parametrize(
@@ -64,8 +74,11 @@ class TestValues:
 
     def test_durations_in_files(self, tmp_path: Path) -> None:
         """Durations in gateway.toml and policies are parsed to seconds."""
-        path = make_config(tmp_path, store={"timeout": "750ms"},
-                           policy={"tokens": {"mfa_max_age": "8h"}, "consent": {"remember": 0}})
+        path = make_config(
+            tmp_path,
+            store={"timeout": "750ms"},
+            policy={"tokens": {"mfa_max_age": "8h"}, "consent": {"remember": 0}},
+        )
         settings = load_settings(path)
         assert settings.store.timeout == 0.75
         assert settings.global_policy.tokens.mfa_max_age == 28800.0
@@ -89,8 +102,9 @@ class TestSecrets:
         )
         assert settings.upstream.client_secret.get_secret_value() == "from-the-environment"
 
-    def test_missing_env_is_a_problem(self, tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_missing_env_is_a_problem(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """An unset variable is reported by name, at the key that uses it."""
         monkeypatch.delenv("T_UNSET_KEY", raising=False)
         path = make_config(tmp_path, store={"encryption_key": "env:T_UNSET_KEY"})
@@ -141,13 +155,15 @@ class TestStructure:
             extra_top=1,
             policy={"stepup": {"digit": 6}, "mcp": {"rules": [{"metod": "x"}]}},
         )
-        assert sorted(_problems(path)) == sorted([
-            f"{path}: server.listn: unknown key",
-            f"{path}: resources[0].polcy: unknown key",
-            f"{path}: extra_top: unknown key",
-            f"{tmp_path}/policies/default.toml: stepup.digit: unknown key",
-            f"{tmp_path}/policies/default.toml: mcp.rules[0].metod: unknown key",
-        ])
+        assert sorted(_problems(path)) == sorted(
+            [
+                f"{path}: server.listn: unknown key",
+                f"{path}: resources[0].polcy: unknown key",
+                f"{path}: extra_top: unknown key",
+                f"{tmp_path}/policies/default.toml: stepup.digit: unknown key",
+                f"{tmp_path}/policies/default.toml: mcp.rules[0].metod: unknown key",
+            ]
+        )
 
     def test_missing_required_keys(self, tmp_path: Path) -> None:
         """Required keys that are absent are named."""
@@ -175,19 +191,27 @@ class TestStructure:
 
     def test_resource_paths(self, tmp_path: Path) -> None:
         """Resource paths are normalised, unique and never shadow gateway paths."""
-        path = make_config(tmp_path, resources=[
-            {"path": "/oauth/mcp", "upstream": "http://x"},
-            {"path": "/a/../b", "upstream": "http://x"},
-            {"path": "/c/", "upstream": "http://x"},
-        ])
+        path = make_config(
+            tmp_path,
+            resources=[
+                {"path": "/oauth/mcp", "upstream": "http://x"},
+                {"path": "/a/../b", "upstream": "http://x"},
+                {"path": "/c/", "upstream": "http://x"},
+            ],
+        )
         assert _problems(path) == [
             f"{path}: resources[0].path: collides with a gateway path: '/oauth/mcp'",
             f"{path}: resources[1].path: must be a normalised path, got '/a/../b'",
             f"{path}: resources[2].path: expected an absolute path without trailing slash, "
             "got '/c/'",
         ]
-        dup = make_config(tmp_path, resources=[{"path": "/m", "upstream": "http://x"},
-                                               {"path": "/m", "upstream": "http://y"}])
+        dup = make_config(
+            tmp_path,
+            resources=[
+                {"path": "/m", "upstream": "http://x"},
+                {"path": "/m", "upstream": "http://y"},
+            ],
+        )
         assert _problems(dup) == [f"{dup}: resources: duplicate path(s) ['/m']"]
 
     def test_signing_key_file_must_exist(self, tmp_path: Path) -> None:
@@ -201,9 +225,11 @@ class TestStructure:
 class TestTransport:
     def test_https_public_url(self, tmp_path: Path) -> None:
         """An https public_url is the issuer, and turns on Secure/__Host- cookies."""
-        settings = load_settings(make_config(
-            tmp_path, server={"public_url": "https://gw.example/", "dev_http_loopback": None}
-        ))
+        settings = load_settings(
+            make_config(
+                tmp_path, server={"public_url": "https://gw.example/", "dev_http_loopback": None}
+            )
+        )
         assert settings.issuer == "https://gw.example"
         assert settings.server.secure_cookies is True
 
@@ -227,12 +253,18 @@ class TestTransport:
     @pytest.mark.parametrize(
         ("upstream", "expected"),
         [
-            ({"issuer": "http://idp.example"}, "upstream.issuer: must be an https URL, "
-                                               "got 'http://idp.example'"),
-            ({"issuer": "http://127.0.0.1:9", "allow_insecure_http_loopback": None},
-             "upstream.issuer: plain http needs upstream.allow_insecure_http_loopback = true"),
-            ({"issuer": "ftp://idp.example"}, "upstream.issuer: must be an https URL, "
-                                              "got 'ftp://idp.example'"),
+            (
+                {"issuer": "http://idp.example"},
+                "upstream.issuer: must be an https URL, got 'http://idp.example'",
+            ),
+            (
+                {"issuer": "http://127.0.0.1:9", "allow_insecure_http_loopback": None},
+                "upstream.issuer: plain http needs upstream.allow_insecure_http_loopback = true",
+            ),
+            (
+                {"issuer": "ftp://idp.example"},
+                "upstream.issuer: must be an https URL, got 'ftp://idp.example'",
+            ),
         ],
     )
     def test_http_issuer(self, tmp_path: Path, upstream: dict[str, Any], expected: str) -> None:
@@ -247,12 +279,14 @@ class TestTransport:
             server={"public_url": "http://gw.example", "workerz": 2},
             upstream={"issuer": "http://idp.example", "client_id": None},
         )
-        assert sorted(_problems(path)) == sorted([
-            f"{path}: server.public_url: plain http is allowed only on a loopback address",
-            f"{path}: server.workerz: unknown key",
-            f"{path}: upstream.issuer: must be an https URL, got 'http://idp.example'",
-            f"{path}: upstream.client_id: required key is missing",
-        ])
+        assert sorted(_problems(path)) == sorted(
+            [
+                f"{path}: server.public_url: plain http is allowed only on a loopback address",
+                f"{path}: server.workerz: unknown key",
+                f"{path}: upstream.issuer: must be an https URL, got 'http://idp.example'",
+                f"{path}: upstream.client_id: required key is missing",
+            ]
+        )
 
 
 class TestWorkers:
@@ -266,9 +300,9 @@ class TestWorkers:
 
     def test_redis_store_with_workers(self, tmp_path: Path) -> None:
         """With a Redis store several workers are fine."""
-        settings = load_settings(make_config(
-            tmp_path, server={"workers": 4}, store={"url": "redis://127.0.0.1:6379/0"}
-        ))
+        settings = load_settings(
+            make_config(tmp_path, server={"workers": 4}, store={"url": "redis://127.0.0.1:6379/0"})
+        )
         assert settings.server.workers == 4
 
 
@@ -314,19 +348,31 @@ class TestShippedExamples:
         assert settings.keys.signing[0].file == "keys/es256-1.pem"
         assert [r.path for r in settings.resources] == ["/mcp"]
 
+    def test_shipped_gateway_toml_passes_check_config(
+        self, shipped: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`mfa-gateway check-config` accepts the shipped file, its key included (CI)."""
+        assert main(["check-config", "--config", str(shipped)]) == 0
+        assert capsys.readouterr().out == "OK\n"
+
     def test_shipped_gateway_toml_uses_references_for_secrets(self) -> None:
         """No secret is written literally in the shipped file."""
         raw = tomllib.loads((REPO / "gateway.toml").read_text("utf-8"))
-        secrets = [raw["store"]["encryption_key"], raw["keys"]["cookie_secret"],
-                   raw["upstream"]["client_secret"]]
+        secrets = [
+            raw["store"]["encryption_key"],
+            raw["keys"]["cookie_secret"],
+            raw["upstream"]["client_secret"],
+        ]
         assert all(s.startswith(("env:", "file:")) for s in secrets)
 
     def test_shipped_gateway_toml_explains_every_key(self) -> None:
         """Every key of the model appears in the shipped file (set or commented) (STYLE §4.3)."""
         text = (REPO / "gateway.toml").read_text("utf-8")
         missing = [
-            k for k in _model_keys(GatewayFile)
-            if f"{k.rsplit('.', 1)[-1]} =" not in text and f"[{k}]" not in text
+            k
+            for k in _model_keys(GatewayFile)
+            if f"{k.rsplit('.', 1)[-1]} =" not in text
+            and f"[{k}]" not in text
             and f"[[{k}]]" not in text
         ]
         assert missing == []
@@ -340,8 +386,13 @@ class TestShippedExamples:
         assert len(dumped["mcp"].pop("rules")) == 1
         defaults["mcp"].pop("rules")
         assert dumped == defaults
-        missing = [k for k in _model_keys(Policy) if f"{k.rsplit('.', 1)[-1]} =" not in text
-                   and f"[{k}]" not in text and f"[[{k}]]" not in text]
+        missing = [
+            k
+            for k in _model_keys(Policy)
+            if f"{k.rsplit('.', 1)[-1]} =" not in text
+            and f"[{k}]" not in text
+            and f"[[{k}]]" not in text
+        ]
         assert missing == []
 
 
@@ -361,7 +412,10 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
     )
     proc = subprocess.run(
         [sys.executable, "-m", "gateway", "check-config", "--config", str(path)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 1
     assert proc.stdout == ""
