@@ -189,7 +189,14 @@ class ServerSettings(_Model):
 class StoreSettings(_Model):
     """`[store]`: where state lives and the key that encrypts secrets at rest."""
 
-    url: str = Field("memory://", description="memory://, redis://, rediss:// or redis+sentinel://")
+    url: str = Field(
+        "memory://",
+        description=(
+            "memory://, redis://, rediss://, unix://, "
+            "redis+sentinel://[[user]:pw@]host:port[,host:port]/service[/db][?replica_acks=N] "
+            "or redis+cluster://[[user]:pw@]host:port[,host:port...]/"
+        ),
+    )
     key_prefix: str = Field("mfagw:", description="prefix of every Redis key")
     encryption_key: Annotated[SecretStr, BeforeValidator(_secret)] = Field(
         ..., description="32 random bytes, base64url: AES-256-GCM key for seeds and tokens"
@@ -200,9 +207,10 @@ class StoreSettings(_Model):
     @classmethod
     def _url(cls, v: str) -> str:
         scheme = urlsplit(v).scheme
-        if scheme not in ("memory", "redis", "rediss", "redis+sentinel", "unix"):
-            raise ValueError(
-                f"expected memory://, redis://, rediss:// or redis+sentinel://, got {v!r}"
+        if scheme not in ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster", "unix"):
+            raise ValueError(  # the scheme only: the URL may carry a password
+                "expected memory://, redis://, rediss://, unix://, redis+sentinel:// or "
+                f"redis+cluster://, got a {scheme or 'scheme-less'!r} URL"
             )
         return v
 

@@ -1,8 +1,8 @@
 """Pick the store adapter from `[store] url`: the one place that maps a URL scheme to a class.
 
-`memory://` gives the embedded `MemoryStore` (one process); `redis://`, `rediss://`, `unix://` and
-`redis+sentinel://` give a `RedisStore` with the configured key prefix and time-out. Nothing is
-connected here: the caller probes with `await store.ping()` before serving.
+`memory://` gives the embedded `MemoryStore` (one process); `redis://`, `rediss://`, `unix://`,
+`redis+sentinel://` and `redis+cluster://` give a `RedisStore` with the configured key prefix and
+time-out. Nothing is connected here: the caller probes with `await store.ping()` before serving.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from gateway.clock import Clock
 from gateway.ports import Store
 from gateway.settings import Settings
 
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+sentinel"})
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+sentinel", "redis+cluster"})
 
 
 def open_store(settings: Settings, clock: Clock) -> Store:

@@ -1,15 +1,30 @@
 """Every store port on Redis (redis.asyncio, hiredis parser): state shared by all processes.
 
-The only importer of `redis`. Built from `[store] url` (`redis://`, `rediss://`, `unix://`, or
-Sentinel as `redis+sentinel://[[user]:password@]host:port[,host:port]/service_name[/db]`), a key
-prefix and `[store] timeout`, which bounds every operation (connect, socket reads, and the whole
-call). Every Redis failure (`RedisError`, `OSError`, time-out) becomes `StoreUnavailable`, so
-callers fail closed. Connections are never retried automatically: the one-time operations are not
-idempotent, and a retried `rotate_refresh` whose first attempt went through would look like reuse.
+The only importer of `redis`. Built from `[store] url`, a key prefix and `[store] timeout`, which
+bounds every operation (connect, socket reads, and the whole call). URLs:
+
+- `redis://`, `rediss://`, `unix://`: one Redis server.
+- `redis+sentinel://[[user]:password@]host:port[,host:port]/service_name[/db][?replica_acks=N]`:
+  the primary that the Sentinels name. Every write is followed, on the same connection, by
+  `WAIT N` (default N = 1): a write that fewer than N replicas acknowledged raises
+  `StoreUnavailable`, and the store asks Sentinel again and drops its connections if the primary
+  changed. Without that, a primary that Sentinel has just deposed keeps accepting writes (~10 s,
+  until Sentinel reconfigures it) that are then thrown away: a code or TOTP step "used" there
+  would be usable again on the new primary. `replica_acks=0` turns this off. Reads are not
+  checked: until this store's next write, reads may still reach a deposed primary.
+- `redis+cluster://[[user]:password@]host:port[,host:port...]/`: a Redis Cluster (the listed
+  nodes are only the start-up nodes; the client learns the slot map and follows MOVED/ASK
+  redirections, which are safe to follow because the command did not run).
+
+Every Redis failure (`RedisError`, cluster errors, `OSError`, time-out) becomes
+`StoreUnavailable`, so callers fail closed. Connections are never retried automatically: the
+one-time operations are not idempotent, and a retried `rotate_refresh` whose first attempt went
+through would look like reuse.
 
 Key schema (`P` = key prefix; the part in braces is the Redis Cluster hash tag, so all keys one
-operation touches live in one slot; within one kind every suffix ends in a different character and
-consent keys end in a fixed-length hash, so no two ids can produce the same key):
+operation touches live in one slot, and every Lua script and MULTI runs on one cluster node;
+within one kind every suffix ends in a different character and consent keys end in a
+fixed-length hash, so no two ids can produce the same key):
 
     P tx:{txid}                 string  transaction JSON, PX ttl; GETDEL to take
     P ustate:{state}            string  txid, PX ttl; GETDEL to take
@@ -35,7 +50,11 @@ consent keys end in a fixed-length hash, so no two ids can produce the same key)
 A family revoked by reuse loses its `fam:{id}` hash (get_family → None, rotate → INVALID) but keeps
 its `:jti` hash until `revoke_family` returns and deletes it. `watch_revocations` subscribes, waits
 for the confirmation, then yields the snapshot and the live feed; a PING heartbeat detects a silent
-connection, and any break raises `StoreUnavailable`.
+connection, and any break raises `StoreUnavailable`. The feed is a plain PUBLISH from the
+revocation script: on a cluster the node that runs the script delivers it to its own subscribers
+and broadcasts it over the cluster bus, and the store subscribes on the primary that owns
+`rev:{all}` (so delivery does not depend on the bus). With Sentinel the heartbeat also checks that
+the feed's server is still the primary Sentinel names.
 """
 
 from __future__ import annotations
@@ -43,17 +62,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
+from redis.typing import EncodableT
 
 from gateway.adapters.memory_store import check_ttl, dump_json, load_json
 from gateway.clock import Clock
@@ -63,8 +84,14 @@ from gateway.ports import Json, RotateOutcome, TotpRecord
 
 T = TypeVar("T")
 
-_FAILURES = (RedisError, OSError, TimeoutError)
+# RedisClusterException (slots not covered, cross-slot) is not a RedisError.
+_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 _SENTINEL_PORT = 26379
+_REDIS_PORT = 6379
+_MAX_REPLICA_ACKS = 16
+
+# A write queued on a client (run now) or on a pipeline (run at execute()).
+Write = Callable[[Any], Awaitable[object]]
 
 _BURN_STEP = """
 local last = redis.call('GET', KEYS[1])
@@ -86,6 +113,28 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return ARGV[1] 
 local owner = redis.call('GET', KEYS[1])
 if owner == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return owner
+"""
+
+# KEYS: totp, rc, step
+_DELETE_TOTP = """
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return existed
+"""
+
+# KEYS: rc; ARGV: the code hashes
+_SET_RECOVERY_CODES = """
+redis.call('DEL', KEYS[1])
+if #ARGV > 0 then redis.call('SADD', KEYS[1], unpack(ARGV)) end
+return 1
+"""
+
+# KEYS: fam, used, jti; ARGV: data, current hash, ttl_ms
+_CREATE_FAMILY = """
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[1], 'data', ARGV[1], 'cur', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
 """
 
 # KEYS: fam, used, jti; ARGV: presented, new, ttl_ms
@@ -157,25 +206,38 @@ class SentinelTarget:
     db: int = 0
     username: str | None = None
     password: str | None = None
+    replica_acks: int = 1
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """A parsed `redis+cluster://` URL: the start-up nodes and the credentials."""
+
+    hosts: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
 
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
-    """Parse `redis+sentinel://[[user]:password@]host:port[,host:port]/service_name[/db]`.
-    Error messages never repeat the credentials."""
+    """Parse `redis+sentinel://[[user]:password@]host:port[,host:port]/service_name[/db]` with an
+    optional `?replica_acks=N` (0-16, default 1). Error messages never repeat the credentials."""
     parts = urlsplit(url)
     if parts.scheme != "redis+sentinel":
         raise ValueError("not a redis+sentinel:// URL")
-    if parts.query or parts.fragment:
-        raise ValueError("redis+sentinel:// URLs take no query or fragment")
-    userinfo, _, hostlist = parts.netloc.rpartition("@")
-    username = password = None
-    if userinfo:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
-    hosts: list[tuple[str, int]] = []
-    for entry in hostlist.split(","):
-        hosts.append(_host_port(entry))
+    if parts.fragment:
+        raise ValueError("redis+sentinel:// URLs take no fragment")
+    try:
+        params = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ValueError("malformed query in a redis+sentinel:// URL") from None
+    if any(name != "replica_acks" for name, _ in params) or len(params) > 1:
+        raise ValueError("the only query parameter of redis+sentinel:// is replica_acks, once")
+    acks = 1
+    for _, value in params:
+        if not (value.isascii() and value.isdigit()) or int(value) > _MAX_REPLICA_ACKS:
+            raise ValueError(f"replica_acks must be a number from 0 to {_MAX_REPLICA_ACKS}")
+        acks = int(value)
+    hosts, username, password = _netloc(parts.netloc, _SENTINEL_PORT, "sentinel")
     segments = [s for s in parts.path.split("/") if s]
     if not segments or len(segments) > 2:
         raise ValueError("expected /service_name or /service_name/db after the sentinel hosts")
@@ -184,52 +246,97 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         if not segments[1].isdigit():
             raise ValueError(f"db must be a number, got {segments[1]!r}")
         db = int(segments[1])
-    return SentinelTarget(tuple(hosts), unquote(segments[0]), db, username, password)
+    return SentinelTarget(hosts, unquote(segments[0]), db, username, password, acks)
 
 
-def _host_port(entry: str) -> tuple[str, int]:
+def parse_cluster_url(url: str) -> ClusterTarget:
+    """Parse `redis+cluster://[[user]:password@]host:port[,host:port...]/` (default port 6379;
+    a cluster has no databases, so the path is empty or `/`). Errors never repeat credentials."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis+cluster":
+        raise ValueError("not a redis+cluster:// URL")
+    if parts.query or parts.fragment:
+        raise ValueError("redis+cluster:// URLs take no query or fragment")
+    if parts.path not in ("", "/"):
+        raise ValueError("redis+cluster:// URLs take no path (a cluster has only database 0)")
+    hosts, username, password = _netloc(parts.netloc, _REDIS_PORT, "cluster node")
+    return ClusterTarget(hosts, username, password)
+
+
+def _netloc(
+    netloc: str, default_port: int, what: str
+) -> tuple[tuple[tuple[str, int], ...], str | None, str | None]:
+    """`[[user]:password@]host[:port][,host[:port]...]` → hosts, username, password."""
+    userinfo, _, hostlist = netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    hosts = tuple(_host_port(entry, default_port, what) for entry in hostlist.split(","))
+    return hosts, username, password
+
+
+def _host_port(entry: str, default_port: int, what: str) -> tuple[str, int]:
     if entry.startswith("["):
         host, bracket, rest = entry[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad sentinel address {entry!r}")
+            raise ValueError(f"bad {what} address {entry!r}")
         port_text = rest[1:]
     else:
         host, _, port_text = entry.partition(":")
     if not host:
-        raise ValueError(f"bad sentinel address {entry!r}")
+        raise ValueError(f"bad {what} address {entry!r}")
     if not port_text:
-        return host, _SENTINEL_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad sentinel port in {entry!r}")
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad {what} port in {entry!r}")
     return host, int(port_text)
 
 
 class RedisStore:
-    """Every store port on one Redis (or a Sentinel-managed master)."""
+    """Every store port on one Redis, a Sentinel-managed primary, or a Redis Cluster."""
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         *,
         clock: Clock,
         key_prefix: str = "mfagw:",
         timeout: float = 2.0,
         heartbeat: float = 15.0,
         sentinel: Sentinel | None = None,
+        service_name: str | None = None,
+        replica_acks: int = 0,
     ) -> None:
-        """Wrap a client made with `decode_responses=True` (use `from_url`)."""
+        """Wrap a client made with `decode_responses=True` (use `from_url`). With
+        `replica_acks > 0` every write waits for that many replica acknowledgements; with
+        `sentinel` and `service_name` the store re-asks Sentinel for the primary when a write
+        is not acknowledged, and the revocation feed checks it on every heartbeat."""
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError("the key prefix must not contain '{' or '}' (hash-tag syntax)")
+        if isinstance(client, RedisCluster) and replica_acks:
+            raise ValueError("replica_acks is not supported on Redis Cluster")
+        if not 0 <= replica_acks <= _MAX_REPLICA_ACKS:
+            raise ValueError(f"replica_acks must be from 0 to {_MAX_REPLICA_ACKS}")
         self._r = client
+        self._cluster = isinstance(client, RedisCluster)
         self._clock = clock
         self._p = key_prefix
         self._timeout = check_ttl(timeout)
         self._heartbeat = check_ttl(heartbeat)
         self._sentinel = sentinel
+        self._service = service_name
+        self._acks = replica_acks
+        # WAIT must answer before the store time-out cuts the call, so a shortfall is seen.
+        self._wait_ms = max(1, int(self._timeout * 500))
         self._channel = f"{key_prefix}rev:feed"
         self._burn_step = client.register_script(_BURN_STEP)
         self._incr_counter = client.register_script(_INCR_COUNTER)
         self._bind_session = client.register_script(_BIND_SESSION)
+        self._delete_totp = client.register_script(_DELETE_TOTP)
+        self._set_codes = client.register_script(_SET_RECOVERY_CODES)
+        self._create_family = client.register_script(_CREATE_FAMILY)
         self._rotate = client.register_script(_ROTATE_REFRESH)
         self._update_family = client.register_script(_UPDATE_FAMILY)
         self._add_jti = client.register_script(_ADD_FAMILY_JTI)
@@ -246,8 +353,8 @@ class RedisStore:
         timeout: float = 2.0,
         heartbeat: float = 15.0,
     ) -> RedisStore:
-        """Build from a `redis://`, `rediss://`, `unix://` or `redis+sentinel://` URL. Does not
-        connect: call `ping()` to probe."""
+        """Build from a `redis://`, `rediss://`, `unix://`, `redis+sentinel://` or
+        `redis+cluster://` URL. Does not connect: call `ping()` to probe."""
         timeout = check_ttl(timeout)
         options: dict[str, Any] = {
             "decode_responses": True,
@@ -255,6 +362,12 @@ class RedisStore:
             "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),
             "client_name": "mfa-gateway",
+        }
+        common: dict[str, Any] = {
+            "clock": clock,
+            "key_prefix": key_prefix,
+            "timeout": timeout,
+            "heartbeat": heartbeat,
         }
         scheme = urlsplit(url).scheme
         if scheme == "redis+sentinel":
@@ -272,21 +385,33 @@ class RedisStore:
             )
             return cls(
                 client,
-                clock=clock,
-                key_prefix=key_prefix,
-                timeout=timeout,
-                heartbeat=heartbeat,
                 sentinel=sentinel,
+                service_name=target.service_name,
+                replica_acks=target.replica_acks,
+                **common,
             )
+        if scheme == "redis+cluster":
+            cluster = parse_cluster_url(url)
+            cluster_client = RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in cluster.hosts],
+                username=cluster.username,
+                password=cluster.password,
+                **options,
+            )
+            return cls(cluster_client, **common)
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"not a Redis URL scheme: {scheme!r}")
-        client = aioredis.Redis.from_url(url, **options)
-        return cls(client, clock=clock, key_prefix=key_prefix, timeout=timeout, heartbeat=heartbeat)
+        return cls(aioredis.Redis.from_url(url, **options), **common)
 
     @property
     def key_prefix(self) -> str:
         """The prefix of every key this store writes."""
         return self._p
+
+    @property
+    def replica_acks(self) -> int:
+        """How many replicas must acknowledge each write (0: none waited for)."""
+        return self._acks
 
     # ------------------------------------------------------------------ plumbing
 
@@ -301,16 +426,53 @@ class RedisStore:
         except _FAILURES as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
 
+    async def _write(self, write: Write) -> Any:
+        """Run one write command. With `replica_acks`, WAIT follows it on the same connection
+        (one pipeline); too few acknowledgements → StoreUnavailable, because the write may be
+        lost when a replica takes over (the caller must not rely on it)."""
+        if not self._acks:
+            return await self._run(write(self._r))
+
+        async def go() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                await write(pipe)
+                pipe.execute_command("WAIT", self._acks, self._wait_ms)
+                return await pipe.execute()
+
+        result, acked = await self._run(go())
+        await self._check_acks(acked)
+        return result
+
+    async def _check_acks(self, acked: Any) -> None:
+        if isinstance(acked, int) and acked >= self._acks:
+            return
+        await self._refresh_primary()
+        raise StoreUnavailable("redis: a write was not acknowledged by enough replicas")
+
+    async def _refresh_primary(self) -> None:
+        """Ask Sentinel for the primary again; if it changed, drop every connection (also those
+        in use) so that none keeps talking to the deposed one."""
+        pool = getattr(self._r, "connection_pool", None)
+        if not isinstance(pool, SentinelConnectionPool):
+            return
+        before = pool.master_address
+        with contextlib.suppress(*_FAILURES):
+            async with asyncio.timeout(self._timeout):
+                await pool.get_master_address()  # type: ignore[no-untyped-call]
+                if pool.master_address != before:
+                    await pool.disconnect()
+
     async def _get_json(self, key: str) -> Json | None:
         raw = await self._run(self._r.get(key))
         return None if raw is None else load_json(raw)
 
     async def _take_json(self, key: str) -> Json | None:
-        raw = await self._run(self._r.getdel(key))
+        raw = await self._write(lambda c: c.getdel(key))
         return None if raw is None else load_json(raw)
 
     async def _transaction(self, *commands: tuple[Any, ...]) -> list[Any]:
-        """Run commands in MULTI/EXEC (all keys must share one hash tag)."""
+        """Run commands in MULTI/EXEC (all keys must share one hash tag). Not followed by WAIT:
+        only for reads (and trimming that may be lost harmlessly)."""
 
         async def go() -> list[Any]:
             async with self._r.pipeline(transaction=True) as pipe:
@@ -321,8 +483,20 @@ class RedisStore:
         return await self._run(go())
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable unless Redis answers within the time-out."""
-        await self._run(self._r.ping())
+        """Raise StoreUnavailable unless Redis answers within the time-out (and, with
+        `replica_acks`, unless enough replicas are connected to acknowledge writes)."""
+        if not self._acks:
+            await self._run(self._r.ping())
+            return
+
+        async def go() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.ping()
+                pipe.execute_command("WAIT", self._acks, self._wait_ms)
+                return await pipe.execute()
+
+        _, acked = await self._run(go())
+        await self._check_acks(acked)
 
     async def close(self) -> None:
         """Close the connection pool (and the Sentinel connections)."""
@@ -336,7 +510,8 @@ class RedisStore:
 
     async def put_transaction(self, txid: str, data: Mapping[str, Any], ttl: float) -> None:
         """Store an authorization transaction for `ttl` seconds."""
-        await self._run(self._r.set(self._k("tx", txid), dump_json(data), px=_ms(ttl)))
+        key, raw, px = self._k("tx", txid), dump_json(data), _ms(ttl)
+        await self._write(lambda c: c.set(key, raw, px=px))
 
     async def get_transaction(self, txid: str) -> Json | None:
         return await self._get_json(self._k("tx", txid))
@@ -346,24 +521,27 @@ class RedisStore:
         return await self._take_json(self._k("tx", txid))
 
     async def bind_upstream_state(self, state: str, txid: str, ttl: float) -> None:
-        await self._run(self._r.set(self._k("ustate", state), txid, px=_ms(ttl)))
+        key, px = self._k("ustate", state), _ms(ttl)
+        await self._write(lambda c: c.set(key, txid, px=px))
 
     async def take_upstream_state(self, state: str) -> str | None:
         """GETDEL: a `state` is accepted at most once (R16)."""
-        return cast(str | None, await self._run(self._r.getdel(self._k("ustate", state))))
+        key = self._k("ustate", state)
+        return cast(str | None, await self._write(lambda c: c.getdel(key)))
 
     # ------------------------------------------------------------------ codes
 
     async def put_code(self, code_hash: str, data: Mapping[str, Any], ttl: float) -> None:
-        await self._run(self._r.set(self._k("code", code_hash), dump_json(data), px=_ms(ttl)))
+        key, raw, px = self._k("code", code_hash), dump_json(data), _ms(ttl)
+        await self._write(lambda c: c.set(key, raw, px=px))
 
     async def take_code(self, code_hash: str) -> Json | None:
         """GETDEL: of N concurrent callers exactly one gets the data."""
         return await self._take_json(self._k("code", code_hash))
 
     async def mark_code_used(self, code_hash: str, family_id: str, ttl: float) -> None:
-        key = self._k("code", code_hash, ":used")
-        await self._run(self._r.set(key, family_id, px=_ms(ttl)))
+        key, px = self._k("code", code_hash, ":used"), _ms(ttl)
+        await self._write(lambda c: c.set(key, family_id, px=px))
 
     async def code_used_by(self, code_hash: str) -> str | None:
         key = self._k("code", code_hash, ":used")
@@ -373,8 +551,9 @@ class RedisStore:
 
     async def put_client(self, client_id: str, data: Mapping[str, Any], ttl: float | None) -> None:
         """Store a client; `ttl=None` keeps it (and clears an earlier expiry)."""
+        key, raw = self._k("client", client_id), dump_json(data)
         px = None if ttl is None else _ms(ttl)
-        await self._run(self._r.set(self._k("client", client_id), dump_json(data), px=px))
+        await self._write(lambda c: c.set(key, raw, px=px))
 
     async def get_client(self, client_id: str) -> Json | None:
         return await self._get_json(self._k("client", client_id))
@@ -391,8 +570,9 @@ class RedisStore:
                 "confirmed": record.confirmed,
             }
         )
-        await self._run(self._r.set(self._k("totp", record.user), raw))
-        await self._run(self._r.sadd(self._k("totp-users", "index"), record.user))
+        key, index = self._k("totp", record.user), self._k("totp-users", "index")
+        await self._write(lambda c: c.set(key, raw))
+        await self._write(lambda c: c.sadd(index, record.user))
 
     async def get_totp(self, user: str) -> TotpRecord | None:
         data = await self._get_json(self._k("totp", user))
@@ -413,18 +593,12 @@ class RedisStore:
         return record
 
     async def delete_totp(self, user: str) -> bool:
-        """Remove seed, recovery codes and burned step atomically; then un-index the user."""
-        existed, _ = await self._transaction(
-            ("EXISTS", self._k("totp", user)),
-            (
-                "DEL",
-                self._k("totp", user),
-                self._k("totp", user, ":rc"),
-                self._k("totp", user, ":step"),
-            ),
-        )
-        await self._run(self._r.srem(self._k("totp-users", "index"), user))
-        return bool(existed)
+        """Lua: remove seed, recovery codes and burned step atomically; then un-index the user."""
+        keys = [self._k("totp", user), self._k("totp", user, ":rc"), self._k("totp", user, ":step")]
+        existed = await self._write(lambda c: self._delete_totp(keys=keys, client=c))
+        index = self._k("totp-users", "index")
+        await self._write(lambda c: c.srem(index, user))
+        return int(existed) == 1
 
     async def list_totp_users(self) -> list[str]:
         """Indexed users whose record exists, sorted."""
@@ -443,33 +617,31 @@ class RedisStore:
         return [u for u, e in zip(users, exists, strict=True) if e]
 
     async def set_recovery_codes(self, user: str, code_hashes: list[str]) -> None:
-        """Replace the user's recovery codes atomically."""
-        key = self._k("totp", user, ":rc")
-        commands: list[tuple[Any, ...]] = [("DEL", key)]
-        if code_hashes:
-            commands.append(("SADD", key, *code_hashes))
-        await self._transaction(*commands)
+        """Lua: replace the user's recovery codes atomically."""
+        keys, hashes = [self._k("totp", user, ":rc")], list(code_hashes)
+        await self._write(lambda c: self._set_codes(keys=keys, args=hashes, client=c))
 
     async def use_recovery_code(self, user: str, code_hash: str) -> bool:
         """SREM: True exactly once per stored code."""
-        removed = await self._run(self._r.srem(self._k("totp", user, ":rc"), code_hash))
-        return removed == 1
+        key = self._k("totp", user, ":rc")
+        removed = await self._write(lambda c: c.srem(key, code_hash))
+        return int(removed) == 1
 
     async def count_recovery_codes(self, user: str) -> int:
         return int(await self._run(self._r.scard(self._k("totp", user, ":rc"))))
 
     async def burn_step(self, user: str, step: int, ttl: float) -> bool:
         """Lua: record `step` only if it is newer than the last burned one (R34)."""
-        result = await self._run(
-            self._burn_step(keys=[self._k("totp", user, ":step")], args=[int(step), _ms(ttl)])
-        )
+        keys, args = [self._k("totp", user, ":step")], [int(step), _ms(ttl)]
+        result = await self._write(lambda c: self._burn_step(keys=keys, args=args, client=c))
         return int(result) == 1
 
     # ------------------------------------------------------------------ counters and locks
 
     async def incr_counter(self, key: str, window: float) -> int:
         """Lua: INCR, and PEXPIRE only on the first hit (the window is never extended)."""
-        result = await self._run(self._incr_counter(keys=[self._k("ctr", key)], args=[_ms(window)]))
+        keys, args = [self._k("ctr", key)], [_ms(window)]
+        result = await self._write(lambda c: self._incr_counter(keys=keys, args=args, client=c))
         return int(result)
 
     async def get_counter(self, key: str) -> int:
@@ -477,10 +649,12 @@ class RedisStore:
         return 0 if raw is None else int(raw)
 
     async def clear_counter(self, key: str) -> None:
-        await self._run(self._r.delete(self._k("ctr", key)))
+        name = self._k("ctr", key)
+        await self._write(lambda c: c.delete(name))
 
     async def set_lock(self, key: str, ttl: float) -> None:
-        await self._run(self._r.set(self._k("lock", key), "1", px=_ms(ttl)))
+        name, px = self._k("lock", key), _ms(ttl)
+        await self._write(lambda c: c.set(name, "1", px=px))
 
     async def is_locked(self, key: str) -> bool:
         return bool(await self._run(self._r.exists(self._k("lock", key))))
@@ -491,7 +665,8 @@ class RedisStore:
         return self._k("consent", subject, ":" + token_hash(client_id))
 
     async def put_consent(self, subject: str, client_id: str, ttl: float) -> None:
-        await self._run(self._r.set(self._consent_key(subject, client_id), "1", px=_ms(ttl)))
+        key, px = self._consent_key(subject, client_id), _ms(ttl)
+        await self._write(lambda c: c.set(key, "1", px=px))
 
     async def has_consent(self, subject: str, client_id: str) -> bool:
         return bool(await self._run(self._r.exists(self._consent_key(subject, client_id))))
@@ -508,13 +683,11 @@ class RedisStore:
     async def create_family(
         self, family_id: str, token_hash: str, data: Mapping[str, Any], ttl: float
     ) -> None:
-        """Start a family whose current refresh token is `token_hash` (replaces any old one)."""
-        fam, used, jti = self._family_keys(family_id)
-        await self._transaction(
-            ("DEL", fam, used, jti),
-            ("HSET", fam, "data", dump_json(data), "cur", token_hash),
-            ("PEXPIRE", fam, _ms(ttl)),
-        )
+        """Lua: start a family whose current refresh token is `token_hash` (replaces any old
+        one, with its rotated-out tokens and jtis)."""
+        keys = self._family_keys(family_id)
+        args: list[EncodableT] = [dump_json(data), token_hash, _ms(ttl)]
+        await self._write(lambda c: self._create_family(keys=keys, args=args, client=c))
 
     async def get_family(self, family_id: str) -> Json | None:
         raw = await self._run(self._r.hget(self._k("fam", family_id), "data"))
@@ -525,31 +698,30 @@ class RedisStore:
     ) -> RotateOutcome:
         """Lua: ROTATED if current (the family lives `ttl` more); a rotated-out hash deletes the
         family (REUSED, its jtis kept for `revoke_family`); anything else INVALID."""
-        result = await self._run(
-            self._rotate(
-                keys=self._family_keys(family_id), args=[presented_hash, new_hash, _ms(ttl)]
-            )
-        )
+        keys = self._family_keys(family_id)
+        args: list[EncodableT] = [presented_hash, new_hash, _ms(ttl)]
+        result = await self._write(lambda c: self._rotate(keys=keys, args=args, client=c))
         return RotateOutcome(result)
 
     async def update_family(self, family_id: str, data: Mapping[str, Any]) -> None:
         """Replace a live family's data keeping its TTL; a missing family stays missing."""
-        await self._run(
-            self._update_family(keys=[self._k("fam", family_id)], args=[dump_json(data)])
-        )
+        keys, args = [self._k("fam", family_id)], [dump_json(data)]
+        await self._write(lambda c: self._update_family(keys=keys, args=args, client=c))
 
     async def add_family_jti(self, family_id: str, jti: str, exp: float) -> None:
         """Remember an access token of the family; if the family is already gone (revoked or
         expired), the token is revoked at once instead (fail closed)."""
         fam, _, jtis = self._family_keys(family_id)
-        added = await self._run(self._add_jti(keys=[fam, jtis], args=[jti, _num(exp)]))
+        keys, args = [fam, jtis], [jti, _num(exp)]
+        added = await self._write(lambda c: self._add_jti(keys=keys, args=args, client=c))
         if added != 1:
             await self.revoke_jti(jti, exp)
 
     async def revoke_family(self, family_id: str) -> list[tuple[str, float]]:
         """Lua: delete the family; return the (jti, exp) pairs it issued (also after a reuse)."""
+        keys = self._family_keys(family_id)
         flat = cast(
-            list[str], await self._run(self._revoke_family(keys=self._family_keys(family_id)))
+            list[str], await self._write(lambda c: self._revoke_family(keys=keys, client=c))
         )
         return sorted((flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2))
 
@@ -559,12 +731,16 @@ class RedisStore:
         """Lua: deny key with PEXPIREAT exp, snapshot entry, and PUBLISH on the feed."""
         now = self._clock.now()
         message = orjson.dumps([jti, float(exp)])
-        await self._run(
-            self._revoke_jti(
-                keys=[self._k("rev", "all", ":" + jti), self._k("rev", "all")],
-                args=[math.ceil(exp * 1000), _num(exp), jti, _num(now), self._channel, message],
-            )
-        )
+        keys = [self._k("rev", "all", ":" + jti), self._k("rev", "all")]
+        args: list[EncodableT] = [
+            math.ceil(exp * 1000),
+            _num(exp),
+            jti,
+            _num(now),
+            self._channel,
+            message,
+        ]
+        await self._write(lambda c: self._revoke_jti(keys=keys, args=args, client=c))
 
     async def is_revoked(self, jti: str) -> bool:
         return bool(await self._run(self._r.exists(self._k("rev", "all", ":" + jti))))
@@ -580,18 +756,24 @@ class RedisStore:
 
     async def watch_revocations(self) -> AsyncIterator[tuple[str, float]]:
         """Once subscribed: every revoked (jti, exp) of the snapshot, then each new revocation.
-        Raises StoreUnavailable when the connection breaks or stops answering the heartbeat."""
-        pubsub = self._r.pubsub()
+        Raises StoreUnavailable when the connection breaks, stops answering the heartbeat, or
+        (Sentinel) no longer is the primary."""
+        pubsub = await self._feed_pubsub()
+        loop = asyncio.get_running_loop()
         try:
             await self._run(self._subscribe(pubsub))
             snapshot = await self.revoked_snapshot()
             for item in snapshot.items():
                 yield item
             awaiting_pong = False
+            checked_at = loop.time()
             while True:
                 message = await self._run_unbounded(
                     pubsub.get_message(ignore_subscribe_messages=True, timeout=self._heartbeat)
                 )
+                if loop.time() - checked_at >= self._heartbeat:
+                    await self._check_feed_primary(pubsub)
+                    checked_at = loop.time()
                 if message is None:
                     if awaiting_pong:
                         raise StoreUnavailable("redis: the revocation feed stopped answering")
@@ -604,7 +786,30 @@ class RedisStore:
                 yield _feed_item(message.get("data"))
         finally:
             with contextlib.suppress(*_FAILURES):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
+
+    async def _feed_pubsub(self) -> Any:
+        """A pub/sub object for the feed. On a cluster: on the primary that owns `rev:{all}`
+        (the node whose revocation script publishes), found after a keyed command so that a
+        stale slot map is refreshed first."""
+        if not isinstance(self._r, RedisCluster):
+            return self._r.pubsub()
+        index = self._k("rev", "all")
+        await self._run(self._r.exists(index))
+        node = self._r.get_node_from_key(index)
+        if node is None:
+            raise StoreUnavailable("redis: no cluster node owns the revocation index")
+        return self._r.pubsub(node=node)
+
+    async def _check_feed_primary(self, pubsub: Any) -> None:
+        """With Sentinel: the feed's server must still be the primary; a deposed one no longer
+        receives the revocations written on the new primary."""
+        if self._sentinel is None or self._service is None:
+            return
+        primary = await self._run(self._sentinel.discover_master(self._service))
+        conn = pubsub.connection
+        if conn is None or (conn.host, int(conn.port)) != (primary[0], int(primary[1])):
+            raise StoreUnavailable("redis: the primary changed under the revocation feed")
 
     async def _subscribe(self, pubsub: Any) -> None:
         """SUBSCRIBE and wait for the confirmation, so the snapshot read next misses nothing."""
@@ -625,28 +830,31 @@ class RedisStore:
 
     async def bind_session(self, session_id: str, owner: str, ttl: float) -> str:
         """Lua SET NX then GET: the owner now bound; the owner's own re-bind slides the TTL."""
-        result = await self._run(
-            self._bind_session(keys=[self._k("sess", session_id)], args=[owner, _ms(ttl)])
-        )
+        keys = [self._k("sess", session_id)]
+        args: list[EncodableT] = [owner, _ms(ttl)]
+        result = await self._write(lambda c: self._bind_session(keys=keys, args=args, client=c))
         return cast(str, result)
 
     async def session_owner(self, session_id: str) -> str | None:
         return cast(str | None, await self._run(self._r.get(self._k("sess", session_id))))
 
     async def drop_session(self, session_id: str) -> None:
-        await self._run(self._r.delete(self._k("sess", session_id)))
+        key = self._k("sess", session_id)
+        await self._write(lambda c: c.delete(key))
 
     # ------------------------------------------------------------------ sealed blobs
 
     async def put_blob(self, key: str, sealed: str, ttl: float | None) -> None:
+        name = self._k("blob", key)
         px = None if ttl is None else _ms(ttl)
-        await self._run(self._r.set(self._k("blob", key), sealed, px=px))
+        await self._write(lambda c: c.set(name, sealed, px=px))
 
     async def get_blob(self, key: str) -> str | None:
         return cast(str | None, await self._run(self._r.get(self._k("blob", key))))
 
     async def delete_blob(self, key: str) -> None:
-        await self._run(self._r.delete(self._k("blob", key)))
+        name = self._k("blob", key)
+        await self._write(lambda c: c.delete(name))
 
 
 def _pairs(value: Any) -> dict[str, float]:

@@ -81,7 +81,7 @@ def add_oauth_routes(app: web.Application) -> None:
         app.router.add_get(path, server_metadata)
     app.router.add_get(JWKS_PATH, jwks)
     app.router.add_post(REGISTER_PATH, register)
-    app.router.add_get(AUTHORIZE_PATH, authorize)
+    app.router.add_get(AUTHORIZE_PATH, authorize, allow_head=False)
     app.router.add_post(AUTHORIZE_PATH, authorize)
     app.router.add_route("OPTIONS", AUTHORIZE_PATH, authorize_preflight)
     app.router.add_post(CONSENT_PATH, consent)
@@ -147,6 +147,18 @@ async def _form(request: web.Request) -> list[tuple[str, str]]:
     return form_pairs(form.items())
 
 
+async def _read_capped(request: web.Request, limit: int) -> bytes:
+    """The whole body, or `InvalidClientMetadata` once it grows past `limit` bytes."""
+    body = bytearray()
+    while True:
+        chunk = await request.content.read(limit + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body.extend(chunk)
+        if len(body) > limit:
+            raise InvalidClientMetadata("the registration request is too large")
+
+
 def _refused_page(request: web.Request, message: str, status: int = 400) -> web.Response:
     return html_error(request, "Authorization request refused", message, status)
 
@@ -179,9 +191,7 @@ async def register(request: web.Request) -> web.Response:
             if length is not None and length > MAX_REGISTRATION_BYTES:
                 raise InvalidClientMetadata("the registration request is too large")
             if request.content_type == "application/json":
-                raw = await request.content.read(MAX_REGISTRATION_BYTES + 1)
-                if len(raw) > MAX_REGISTRATION_BYTES:
-                    raise InvalidClientMetadata("the registration request is too large")
+                raw = await _read_capped(request, MAX_REGISTRATION_BYTES)
                 try:
                     body = json.loads(raw)
                 except (ValueError, RecursionError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -141,3 +142,33 @@ async def test_forwarded_ip_counts_when_trusted(make_harness: HarnessFactory, st
     three = await gw.client.post("/oauth/register", json=SDK_METADATA,
                                  headers={"X-Forwarded-For": "203.0.113.10"})
     assert (one.status, two.status, three.status) == (201, 201, 429)
+
+
+async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+async def test_body_in_many_chunks_is_read_whole(
+    make_harness: HarnessFactory, store: Store
+) -> None:
+    """A chunked JSON body arriving in small pieces is read completely."""
+    gw = await make_harness(store)
+    raw = json.dumps(SDK_METADATA).encode()
+    resp = await gw.client.post("/oauth/register", data=_chunks(raw, 7),
+                                headers={"Content-Type": "application/json"})
+    assert resp.status == 201
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_oversize_registration_refused(
+    make_harness: HarnessFactory, store: Store, chunked: bool
+) -> None:
+    """Bodies over 16 KiB are refused, with or without Content-Length."""
+    gw = await make_harness(store)
+    raw = json.dumps({**SDK_METADATA, "client_name": "x" * 20000}).encode()
+    data: Any = _chunks(raw, 4096) if chunked else raw
+    resp = await gw.client.post("/oauth/register", data=data,
+                                headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert (await resp.json())["error"] == "invalid_client_metadata"

@@ -19,7 +19,7 @@ from tests.proxy.conftest import Gateway, MakeGateway, Peer, eventually, rpc
 
 pytestmark = pytest.mark.redis
 
-StoreFactory = Callable[[str], RedisStore]
+StoreFactory = Callable[..., RedisStore]
 
 
 @pytest.fixture
@@ -51,8 +51,8 @@ async def test_revocation_reaches_every_gateway(
 ) -> None:
     """A token revoked through one replica is refused by another (pub/sub, no per-request
     round trip)."""
-    a = await make_gateway(store=shared_stores())  # type: ignore[call-arg]
-    b = await make_gateway(store=shared_stores())  # type: ignore[call-arg]
+    a = await make_gateway(store=shared_stores())
+    b = await make_gateway(store=shared_stores())
     token = b.token()
     assert (await b.client.post("/mcp", json=rpc("ping"), headers=b.auth(token))).status == 200
     await a.store.revoke_jti(*_jti_exp(token))
@@ -65,10 +65,10 @@ async def test_revoked_before_start_is_known(
     make_gateway: MakeGateway, shared_stores: StoreFactory
 ) -> None:
     """A replica starting later learns earlier revocations from the snapshot."""
-    a = await make_gateway(store=shared_stores())  # type: ignore[call-arg]
+    a = await make_gateway(store=shared_stores())
     token = a.token()
     await a.store.revoke_jti(*_jti_exp(token))
-    b = await make_gateway(store=shared_stores())  # type: ignore[call-arg]
+    b = await make_gateway(store=shared_stores())
     resp = await b.client.post("/mcp", json=rpc("ping"), headers=b.auth(token))
     assert resp.status == 401
 
@@ -85,8 +85,8 @@ async def test_session_bound_across_replicas(
                                  headers=headers)
 
     upstream_peer.handler = handler
-    a = await make_gateway(store=shared_stores())  # type: ignore[call-arg]
-    b = await make_gateway(store=shared_stores())  # type: ignore[call-arg]
+    a = await make_gateway(store=shared_stores())
+    b = await make_gateway(store=shared_stores())
     init = await a.client.post("/mcp", json=rpc("initialize", 0), headers=a.auth())
     sid = init.headers["Mcp-Session-Id"]
     bob = b.auth(b.token(sub="bob"), **{"Mcp-Session-Id": sid})

@@ -1,4 +1,5 @@
-"""The `store` fixture of the contract suite: every test runs on MemoryStore and on real Redis.
+"""The `store` fixture of the contract suite: every test runs on MemoryStore, on a real Redis and
+on a real three-node Redis Cluster.
 
 `timeline` hides the one difference: the memory store's clock is a `FixedClock` that tests move
 instantly, while Redis expires keys by its own clock, so there the test really sleeps (TTLs in the
@@ -31,12 +32,20 @@ def clock() -> FixedClock:
     return FixedClock()
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("cluster", marks=pytest.mark.redis),
+    ]
+)
 def store(request: pytest.FixtureRequest, clock: FixedClock) -> Store:
-    """The store under test: MemoryStore on a FixedClock, or RedisStore on the real server."""
+    """The store under test: MemoryStore on a FixedClock, or RedisStore on the real server or
+    on the real cluster."""
     if request.param == "memory":
         return MemoryStore(clock)
-    redis_store: Store = request.getfixturevalue("redis_store")
+    fixture = "redis_store" if request.param == "redis" else "redis_cluster_store"
+    redis_store: Store = request.getfixturevalue(fixture)
     return redis_store
 
 

@@ -318,21 +318,38 @@ class TestUrls:
             await store.close()
 
     async def test_sentinel(self, redis_server: RedisServerProcess, tmp_path: Path) -> None:
-        """`redis+sentinel://` asks a real Sentinel for the master and uses it."""
+        """`redis+sentinel://` asks a real Sentinel for the master and uses it; by default a
+        write needs a replica's acknowledgement, so on a primary without replicas every write
+        fails closed (StoreUnavailable) and `replica_acks=0` is needed (DESIGN §7.8)."""
         sentinel = RedisServerProcess(tmp_path, sentinel_for=("gwmaster", redis_server.port))
         sentinel.start()
+        hosts = f"127.0.0.1:{_free_port()},127.0.0.1:{sentinel.port}"
         store = RedisStore.from_url(
-            f"redis+sentinel://127.0.0.1:{_free_port()},127.0.0.1:{sentinel.port}/gwmaster/0",
+            f"redis+sentinel://{hosts}/gwmaster/0?replica_acks=0",
             clock=SystemClock(),
             key_prefix="sentinel-t:",
+        )
+        strict = RedisStore.from_url(
+            f"redis+sentinel://{hosts}/gwmaster/0",
+            clock=SystemClock(),
+            key_prefix="sentinel-t:",
+            timeout=0.5,
         )
         try:
             await store.ping()
             await store.put_code("h", {"via": "sentinel"}, LONG)
+            assert strict.replica_acks == 1
+            with pytest.raises(StoreUnavailable, match="acknowledged"):
+                await strict.ping()
+            with pytest.raises(StoreUnavailable, match="acknowledged"):
+                await strict.put_code("h2", {"via": "sentinel"}, LONG)
+            assert await strict.get_transaction("absent") is None  # reads are not waited on
             assert await store.take_code("h") == {"via": "sentinel"}
         finally:
             await store.close()
+            await strict.close()
             sentinel.stop()
+            await delete_prefix(redis_server.url, "sentinel-t:")
 
     @pytest.mark.parametrize(
         ("url", "expected"),

@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -409,20 +410,25 @@ class TestRun:
             upstream={"timeout": "500ms"},
         )
         proc = _serve(path)
+        assert proc.stdout is not None
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+        reader.start()
         try:
             _wait_healthy(port, proc)
-            deadline = time.monotonic() + 20
-            pids: set[int] = set()
-            while len(pids) < 2 and time.monotonic() < deadline:
-                pids = _worker_pids(proc.pid)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and "".join(lines).count('"gateway_started"') < 2:
                 time.sleep(0.1)
+            pids = _worker_pids(proc.pid)
             assert len(pids) == 2
         finally:
             proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=40)
+            proc.wait(timeout=40)  # stdout belongs to the reader thread
+            reader.join(timeout=10)
+            err = proc.stderr.read() if proc.stderr else ""
         assert proc.returncode == 0, err
         assert not any(_alive(pid) for pid in pids)
-        events = [json.loads(line)["event"] for line in out.splitlines()]
+        events = [json.loads(line)["event"] for line in lines]
         assert events.count("gateway_started") == 2
         assert events.count("gateway_stopping") == 2
         assert events[-1] == "supervisor_stopped"
