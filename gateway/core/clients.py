@@ -172,16 +172,18 @@ def parse_client_metadata(
         if any(k in doc for k in ("client_secret", "client_secret_expires_at")):
             raise InvalidClientMetadata("a metadata document must not carry a client secret")
 
-    grants = tuple(dict.fromkeys(_string_list(doc.get("grant_types", ["authorization_code"]),
-                                              "grant_types")))
+    grants = tuple(
+        dict.fromkeys(_string_list(doc.get("grant_types", ["authorization_code"]), "grant_types"))
+    )
     if "authorization_code" not in grants or any(g not in GRANT_TYPES for g in grants):
         raise InvalidClientMetadata(
             "grant_types must include authorization_code and may add only refresh_token"
         )
-    responses = tuple(dict.fromkeys(_string_list(doc.get("response_types", ["code"]),
-                                                 "response_types")))
+    responses = tuple(
+        dict.fromkeys(_string_list(doc.get("response_types", ["code"]), "response_types"))
+    )
     if responses != ("code",):
-        raise InvalidClientMetadata("response_types must be [\"code\"]")
+        raise InvalidClientMetadata('response_types must be ["code"]')
 
     app_type = doc.get("application_type", "web")
     if app_type not in ("web", "native"):

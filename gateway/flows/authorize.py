@@ -110,12 +110,14 @@ async def start_authorization(
         store, settings, target.client_id, fetcher=fetcher, now=now, metrics=metrics
     )
     if client is None:
-        raise NotRedirectable("The application is not known to this server.",
-                              reason="unknown client")
+        raise NotRedirectable(
+            "The application is not known to this server.", reason="unknown client"
+        )
     if target.redirect_uri is None:
         if len(client.redirect_uris) != 1:
-            raise NotRedirectable("The request does not say where to return to.",
-                                  reason="redirect_uri missing")
+            raise NotRedirectable(
+                "The request does not say where to return to.", reason="redirect_uri missing"
+            )
         redirect_uri: str | None = client.redirect_uris[0]
     else:
         redirect_uri = match_redirect_uri(target.redirect_uri, client.redirect_uris)
@@ -154,8 +156,12 @@ async def start_authorization(
         "stage": STAGE_CONSENT,
     }
     await store.put_transaction(txid, tx, ttl)
-    log.info("authorize_started", client_id=client.client_id, resource=request.resource,
-             scope=request.scope_string)
+    log.info(
+        "authorize_started",
+        client_id=client.client_id,
+        resource=request.resource,
+        scope=request.scope_string,
+    )
     return PendingAuthorization(txid=txid, tx=tx, client=client, request=request, ttl=ttl)
 
 
@@ -171,11 +177,15 @@ async def _take_for_consent(store: Store, txid: str, now: float) -> Json:
     """Atomically take the transaction: one consent decision per transaction, ever."""
     tx = await store.take_transaction(txid)
     if tx is None:
-        raise NotRedirectable("This sign-in request has expired or was already used.",
-                              reason="transaction missing at consent")
+        raise NotRedirectable(
+            "This sign-in request has expired or was already used.",
+            reason="transaction missing at consent",
+        )
     if tx.get("stage") != STAGE_CONSENT:
-        raise NotRedirectable("This sign-in request has already been used.",
-                              reason=f"consent in stage {tx.get('stage')!r}")
+        raise NotRedirectable(
+            "This sign-in request has already been used.",
+            reason=f"consent in stage {tx.get('stage')!r}",
+        )
     if remaining_ttl(tx, now) <= 0:
         raise NotRedirectable("This sign-in request has expired.", reason="transaction expired")
     return tx
@@ -200,8 +210,12 @@ async def approve_consent(
     updated: dict[str, Any] = {**tx, "stage": STAGE_UPSTREAM, "consented_at": now}
     await store.put_transaction(txid, updated, remaining_ttl(tx, now))
     url = await begin_upstream_login(store, upstream, settings, txid, updated, now)
-    log.info("consent_given", client_id=tx.get("client_id"), resource=tx.get("resource"),
-             remembered=remembered)
+    log.info(
+        "consent_given",
+        client_id=tx.get("client_id"),
+        resource=tx.get("resource"),
+        remembered=remembered,
+    )
     return url, updated
 
 

@@ -77,9 +77,7 @@ async def resolve_client(
     if looks_like_cimd(client_id):
         if not registration.client_id_metadata_documents or fetcher is None:
             return None
-        client, fetched = await _metadata_document_client(
-            store, settings, client_id, fetcher, now
-        )
+        client, fetched = await _metadata_document_client(store, settings, client_id, fetcher, now)
         if fetched and metrics is not None:
             metrics.registrations.labels(kind="cimd").inc()
         return client

@@ -66,23 +66,33 @@ async def issue_code(
     still there (it is consumed here) and agrees with `tx`.
     """
     if tx.get("stage") != STAGE_DONE:
-        raise StepUpIncomplete("the second factor was not verified",
-                               log_reason=f"code asked in stage {tx.get('stage')!r}")
+        raise StepUpIncomplete(
+            "the second factor was not verified",
+            log_reason=f"code asked in stage {tx.get('stage')!r}",
+        )
     stored = await store.take_transaction(txid)
     if stored is None:
-        raise StepUpIncomplete("the sign-in request expired or was already used",
-                               log_reason="transaction already consumed or expired")
+        raise StepUpIncomplete(
+            "the sign-in request expired or was already used",
+            log_reason="transaction already consumed or expired",
+        )
     if any(stored.get(k) != tx.get(k) for k in _BOUND_FIELDS):
-        raise StepUpIncomplete("the sign-in request does not match",
-                               log_reason="transaction differs from the stored one")
+        raise StepUpIncomplete(
+            "the sign-in request does not match",
+            log_reason="transaction differs from the stored one",
+        )
     sub = tx.get("sub")
     resource = tx.get("resource")
     required = (tx.get("client_id"), tx.get("redirect_uri"), tx.get("code_challenge"))
-    if not isinstance(sub, str) or not sub or not isinstance(resource, str) or not all(
-        isinstance(v, str) and v for v in required
+    if (
+        not isinstance(sub, str)
+        or not sub
+        or not isinstance(resource, str)
+        or not all(isinstance(v, str) and v for v in required)
     ):
-        raise StepUpIncomplete("the sign-in request is incomplete",
-                               log_reason="transaction lacks subject or binding")
+        raise StepUpIncomplete(
+            "the sign-in request is incomplete", log_reason="transaction lacks subject or binding"
+        )
     policy = resource_policy(settings, resource)
     code = new_token(32)
     data: dict[str, Any] = {
@@ -109,4 +119,3 @@ async def issue_code(
         metrics.codes_issued.inc()
     log.info("code_issued", client_id=tx["client_id"], sub=sub, resource=resource)
     return code
-

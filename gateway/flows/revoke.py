@@ -78,8 +78,11 @@ async def revoke_token(
         if metrics is not None:
             metrics.tokens.labels(event="revoked").inc()
     else:
-        log.info("token_rejected", client_id=client.client_id, reason="revocation of an unknown "
-                 "or foreign token ignored")
+        log.info(
+            "token_rejected",
+            client_id=client.client_id,
+            reason="revocation of an unknown or foreign token ignored",
+        )
 
 
 async def _revoke_refresh(store: Store, settings: Settings, client: Client, token: str) -> bool:
@@ -99,8 +102,13 @@ async def _revoke_refresh(store: Store, settings: Settings, client: Client, toke
     for jti, exp in jtis:
         await store.revoke_jti(jti, exp)
     await store.delete_blob(blob_key(gid))
-    log.info("token_revoked", client_id=client.client_id, sub=family.get("sub"),
-             kind="refresh_token", access_tokens=len(jtis))
+    log.info(
+        "token_revoked",
+        client_id=client.client_id,
+        sub=family.get("sub"),
+        kind="refresh_token",
+        access_tokens=len(jtis),
+    )
     return True
 
 
@@ -111,6 +119,5 @@ async def _revoke_access(
     if verified is None or verified.client_id != client.client_id:
         return False
     await store.revoke_jti(verified.jti, verified.expires_at)
-    log.info("token_revoked", client_id=client.client_id, sub=verified.subject,
-             kind="access_token")
+    log.info("token_revoked", client_id=client.client_id, sub=verified.subject, kind="access_token")
     return True

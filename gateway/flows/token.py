@@ -103,12 +103,14 @@ async def authenticate_client(
             raise InvalidClient("client authentication failed", log_reason="wrong secret")
         registered = client.token_endpoint_auth_method
         if client.kind == "dynamic" and registered != method:
-            raise InvalidClient("client authentication failed",
-                                log_reason=f"{method} used, {registered} registered")
+            raise InvalidClient(
+                "client authentication failed", log_reason=f"{method} used, {registered} registered"
+            )
         return Authenticated(client, method)
     if secret:
-        raise InvalidClient("client authentication failed",
-                            log_reason="a public client presented a secret")
+        raise InvalidClient(
+            "client authentication failed", log_reason="a public client presented a secret"
+        )
     return Authenticated(client, "none")
 
 
@@ -136,8 +138,9 @@ class TokenService:
             await self.store.revoke_jti(jti, exp)
         await self.store.delete_blob(blob_key(gid))
         self._count("revoked")
-        log.info("token_revoked", gid_hash=token_hash(gid)[:12], reason=reason,
-                 access_tokens=len(jtis))
+        log.info(
+            "token_revoked", gid_hash=token_hash(gid)[:12], reason=reason, access_tokens=len(jtis)
+        )
         return len(jtis)
 
     async def _keep_upstream_tokens(self, code: Json, gid: str, ttl: float, now: float) -> bool:
@@ -222,8 +225,13 @@ class TokenService:
         access_token, claims, ttl = self._mint(family, gid=gid, scope=str(data["scope"]), now=now)
         await self.store.add_family_jti(gid, claims["jti"], float(claims["exp"]))
         self._count("issued")
-        log.info("token_issued", client_id=client.client_id, sub=data["sub"],
-                 resource=data["resource"], grant="authorization_code")
+        log.info(
+            "token_issued",
+            client_id=client.client_id,
+            sub=data["sub"],
+            resource=data["resource"],
+            grant="authorization_code",
+        )
         body: dict[str, Any] = {
             "access_token": access_token,
             "token_type": "Bearer",
@@ -249,11 +257,19 @@ class TokenService:
             and (req.redirect_uri is None or req.redirect_uri == family.get("redirect_uri"))
         )
         if not valid_replay:
-            log.info("code_replayed", client_id=client.client_id, revoked=False,
-                     reason="replay with invalid parameters")
+            log.info(
+                "code_replayed",
+                client_id=client.client_id,
+                revoked=False,
+                reason="replay with invalid parameters",
+            )
             return
-        log.warning("code_replayed", client_id=client.client_id, revoked=True,
-                    sub=family.get("sub") if family else None)
+        log.warning(
+            "code_replayed",
+            client_id=client.client_id,
+            revoked=True,
+            sub=family.get("sub") if family else None,
+        )
         self._count("reuse_detected")
         await self._revoke_family(gid, reason="code replay")
 
@@ -272,8 +288,9 @@ class TokenService:
             log.info("token_rejected", client_id=client.client_id, reason="unknown family")
             raise InvalidGrant("the refresh token is invalid")
         if family.get("client_id") != client.client_id:
-            log.info("token_rejected", client_id=client.client_id,
-                     reason="family of another client")
+            log.info(
+                "token_rejected", client_id=client.client_id, reason="family of another client"
+            )
             raise InvalidGrant("the refresh token was not issued to this client")
         if not client.allows_grant("refresh_token"):
             raise UnauthorizedClient("the client may not use refresh tokens")
@@ -289,8 +306,12 @@ class TokenService:
         policy = resource_policy(self.settings, str(family["resource"]))
         auth_time = float(family["auth_time"])
         if now - auth_time > policy.tokens.mfa_max_age:
-            log.info("token_rejected", client_id=client.client_id, sub=family.get("sub"),
-                     reason="mfa_max_age exceeded")
+            log.info(
+                "token_rejected",
+                client_id=client.client_id,
+                sub=family.get("sub"),
+                reason="mfa_max_age exceeded",
+            )
             raise InvalidGrant("the second-factor authentication is too old; sign in again")
 
         if family.get("upstream"):
@@ -301,12 +322,13 @@ class TokenService:
 
         new_refresh = f"{gid}.{new_token(32)}"
         outcome = await self.store.rotate_refresh(
-            gid, token_hash(req.refresh_token), token_hash(new_refresh),
+            gid,
+            token_hash(req.refresh_token),
+            token_hash(new_refresh),
             policy.tokens.refresh_token_ttl,
         )
         if outcome is RotateOutcome.REUSED:
-            log.warning("refresh_reuse_detected", client_id=client.client_id,
-                        sub=family.get("sub"))
+            log.warning("refresh_reuse_detected", client_id=client.client_id, sub=family.get("sub"))
             self._count("reuse_detected")
             await self._revoke_family(gid, reason="refresh token reuse")
             raise InvalidGrant("the refresh token was already used")
@@ -317,8 +339,12 @@ class TokenService:
         access_token, claims, ttl = self._mint(family, gid=gid, scope=scope, now=now)
         await self.store.add_family_jti(gid, claims["jti"], float(claims["exp"]))
         self._count("refreshed")
-        log.info("token_refreshed", client_id=client.client_id, sub=family.get("sub"),
-                 resource=family.get("resource"))
+        log.info(
+            "token_refreshed",
+            client_id=client.client_id,
+            sub=family.get("sub"),
+            resource=family.get("resource"),
+        )
         return {
             "access_token": access_token,
             "token_type": "Bearer",

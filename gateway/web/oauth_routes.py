@@ -122,8 +122,12 @@ def _set_consent_cookie(
     remember = request.app[SETTINGS].global_policy.consent.remember
     if remember > 0:
         request.app[COOKIES].set(
-            resp, consent_cookie_base(client_id), client_id,
-            purpose=consent_purpose(client_id), now=now, max_age=remember,
+            resp,
+            consent_cookie_base(client_id),
+            client_id,
+            purpose=consent_purpose(client_id),
+            now=now,
+            max_age=remember,
         )
 
 
@@ -197,7 +201,11 @@ async def register(request: web.Request) -> web.Response:
                 except (ValueError, RecursionError):
                     body = None  # counted against the rate limit, then refused as metadata
         _, response = await register_client(
-            app[STORE], settings, body, ip=client_ip(request), now=app[CLOCK].now(),
+            app[STORE],
+            settings,
+            body,
+            ip=client_ip(request),
+            now=app[CLOCK].now(),
             metrics=app[METRICS],
         )
     except SlowDown as err:
@@ -239,8 +247,12 @@ async def authorize(request: web.Request) -> web.StreamResponse:
         log.info("authorize_rejected", reason=exc.reason, redirected=False)
         return _refused_page(request, exc.message)
     except RedirectableError as exc:
-        log.info("authorize_rejected", reason=exc.error.log_reason, error=exc.error.error,
-                 redirected=True)
+        log.info(
+            "authorize_rejected",
+            reason=exc.error.log_reason,
+            error=exc.error.error,
+            redirected=True,
+        )
         return redirect_error(exc.redirect_uri, exc.error, state=exc.state, iss=settings.issuer)
 
     client_id = pending.client.client_id
@@ -265,7 +277,7 @@ async def _consent_page(request: web.Request, pending: PendingAuthorization) -> 
     client = pending.client
     req = pending.request
     resource = settings.resource_by_url(req.resource)
-    resource_name = (resource.name if resource is not None and resource.name else req.resource)
+    resource_name = resource.name if resource is not None and resource.name else req.resource
     warning = ""
     if all(is_loopback_redirect(u) for u in client.redirect_uris):
         warning = (
@@ -288,8 +300,10 @@ async def _consent_page(request: web.Request, pending: PendingAuthorization) -> 
         tx=pending.txid,
     )
     upstream_meta = await app[UPSTREAM].metadata()
-    targets = [str(upstream_meta.get("authorization_endpoint", settings.upstream.issuer)),
-               req.redirect_uri]
+    targets = [
+        str(upstream_meta.get("authorization_endpoint", settings.upstream.issuer)),
+        req.redirect_uri,
+    ]
     return html_page(body, form_action=targets)
 
 
@@ -319,8 +333,7 @@ async def consent(request: web.Request) -> web.StreamResponse:
         )
     if not cookies.check_csrf("consent:" + txid, fields["csrf"]):
         log.info("authorize_rejected", reason="consent csrf")
-        return _refused_page(request, "This form has expired or was not sent from this site.",
-                             403)
+        return _refused_page(request, "This form has expired or was not sent from this site.", 403)
     decision = fields["decision"]
     try:
         if decision == "approve":
@@ -357,8 +370,13 @@ async def token(request: web.Request) -> web.Response:
     try:
         req = parse_token_request(await _form(request))
         auth = await authenticate_client(
-            store, settings, authorization=authorization, form_client_id=req.client_id,
-            form_secret=req.client_secret, fetcher=_fetcher(app), now=now,
+            store,
+            settings,
+            authorization=authorization,
+            form_client_id=req.client_id,
+            form_secret=req.client_secret,
+            fetcher=_fetcher(app),
+            now=now,
         )
         sealer = app[SEALER]
 
@@ -366,8 +384,12 @@ async def token(request: web.Request) -> web.Response:
             await refresh_upstream(store, sealer, app[UPSTREAM], gid, now)
 
         service = TokenService(
-            store=store, settings=settings, keys=app[KEYS], sealer=sealer,
-            metrics=app[METRICS], refresh_upstream=upstream_refresh,
+            store=store,
+            settings=settings,
+            keys=app[KEYS],
+            sealer=sealer,
+            metrics=app[METRICS],
+            refresh_upstream=upstream_refresh,
         )
         body: dict[str, Any] = await service.grant(auth.client, req, now)
     except OAuthError as err:
@@ -384,11 +406,17 @@ async def revoke(request: web.Request) -> web.Response:
     try:
         req = parse_revoke_request(await _form(request))
         auth = await authenticate_client(
-            app[STORE], settings, authorization=authorization, form_client_id=req.client_id,
-            form_secret=req.client_secret, fetcher=_fetcher(app), now=now,
+            app[STORE],
+            settings,
+            authorization=authorization,
+            form_client_id=req.client_id,
+            form_secret=req.client_secret,
+            fetcher=_fetcher(app),
+            now=now,
         )
-        await revoke_token(app[STORE], settings, app[KEYS], auth.client, req, now=now,
-                           metrics=app[METRICS])
+        await revoke_token(
+            app[STORE], settings, app[KEYS], auth.client, req, now=now, metrics=app[METRICS]
+        )
     except OAuthError as err:
         return oauth_json_error(err, basic_auth_used=authorization is not None)
     return web.Response(status=200, headers=_NO_STORE)

@@ -86,12 +86,14 @@ class FakeUpstream:
         return app
 
     async def _discovery(self, request: web.Request) -> web.Response:
-        return web.json_response({
-            "issuer": self.url,
-            "authorization_endpoint": self.url + "/authorize",
-            "token_endpoint": self.url + "/token",
-            "jwks_uri": self.url + "/jwks",
-        })
+        return web.json_response(
+            {
+                "issuer": self.url,
+                "authorization_endpoint": self.url + "/authorize",
+                "token_endpoint": self.url + "/token",
+                "jwks_uri": self.url + "/jwks",
+            }
+        )
 
     async def _authorize(self, request: web.Request) -> web.Response:
         self.authorize_hits += 1
@@ -106,12 +108,14 @@ class FakeUpstream:
             return web.json_response({"error": "invalid_grant"}, status=400)
         if self.refresh_answer == "down":
             return web.Response(status=502, text="bad gateway")
-        return web.json_response({
-            "access_token": f"up-at-{self.refreshes}",
-            "refresh_token": f"up-rt-{self.refreshes}",
-            "token_type": "Bearer",
-            "expires_in": 3600,
-        })
+        return web.json_response(
+            {
+                "access_token": f"up-at-{self.refreshes}",
+                "refresh_token": f"up-rt-{self.refreshes}",
+                "token_type": "Bearer",
+                "expires_in": 3600,
+            }
+        )
 
 
 @dataclass
@@ -148,8 +152,10 @@ class DocumentServer:
     def client_document(self, path: str, **fields: Any) -> str:
         """Serve a valid public-client document whose client_id is its own URL."""
         url = self.url + path
-        self.document(path, {"client_id": url, "client_name": "Doc client",
-                             "redirect_uris": [REDIRECT], **fields})
+        self.document(
+            path,
+            {"client_id": url, "client_name": "Doc client", "redirect_uris": [REDIRECT], **fields},
+        )
         return url
 
 
@@ -193,9 +199,14 @@ class Harness:
         body: dict[str, Any] = await resp.json()
         return body
 
-    async def authorize(self, client_id: str, *, challenge: str | None = None,
-                        redirect_uri: str | None = REDIRECT,
-                        **extra: str) -> aiohttp.ClientResponse:
+    async def authorize(
+        self,
+        client_id: str,
+        *,
+        challenge: str | None = None,
+        redirect_uri: str | None = REDIRECT,
+        **extra: str,
+    ) -> aiohttp.ClientResponse:
         params: dict[str, str] = {
             "response_type": "code",
             "client_id": client_id,
@@ -249,19 +260,26 @@ class Harness:
             **(extra or {}),
         }
         await self.store.put_transaction(txid, tx, 600)
-        code = await issue_code(self.store, self.settings, txid, tx, now,
-                                metrics=self.app[METRICS])
+        code = await issue_code(self.store, self.settings, txid, tx, now, metrics=self.app[METRICS])
         return code, txid
 
-    async def token(self, form: dict[str, str], *, auth: str | None = None
-                    ) -> aiohttp.ClientResponse:
+    async def token(
+        self, form: dict[str, str], *, auth: str | None = None
+    ) -> aiohttp.ClientResponse:
         headers = {"Authorization": auth} if auth is not None else {}
         return await self.client.post("/oauth/token", data=form, headers=headers)
 
-    async def redeem(self, client_id: str, code: str, verifier: str, **extra: str
-                     ) -> aiohttp.ClientResponse:
-        form = {"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-                "client_id": client_id, "redirect_uri": REDIRECT, **extra}
+    async def redeem(
+        self, client_id: str, code: str, verifier: str, **extra: str
+    ) -> aiohttp.ClientResponse:
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "code_verifier": verifier,
+            "client_id": client_id,
+            "redirect_uri": REDIRECT,
+            **extra,
+        }
         return await self.token(form)
 
     async def tokens_for(self, client_id: str, **seed: Any) -> dict[str, Any]:
@@ -350,7 +368,13 @@ def make_harness(
         settings = load_settings(path)
         app = build_app(settings, clock=clock, store=store)
         client = await aiohttp_client(app)
-        return Harness(client=client, settings=settings, store=store, clock=clock,
-                       upstream=fake_upstream, docs=doc_server)
+        return Harness(
+            client=client,
+            settings=settings,
+            store=store,
+            clock=clock,
+            upstream=fake_upstream,
+            docs=doc_server,
+        )
 
     return factory

@@ -35,8 +35,12 @@ async def assert_html_refusal(resp: aiohttp.ClientResponse, status: int = 400) -
 
 
 def assert_error_redirect(
-    resp: aiohttp.ClientResponse, gw: Harness, error: str, state: str | None = "client-state-1",
-    *, base: str = REDIRECT,
+    resp: aiohttp.ClientResponse,
+    gw: Harness,
+    error: str,
+    state: str | None = "client-state-1",
+    *,
+    base: str = REDIRECT,
 ) -> dict[str, str]:
     """303 to the registered redirect URI with `error`, `state`, `iss` (R8, R11, R14)."""
     assert resp.status == 303
@@ -92,8 +96,7 @@ async def test_unregistered_redirect_uri_is_never_redirected_to(
     """No open redirect: a redirect URI that is not registered gets the HTML page (R7, R8)."""
     gw = await make_harness(store)
     client = await gw.register()
-    resp = await gw.authorize(client["client_id"], redirect_uri=redirect_uri,
-                              response_type="token")
+    resp = await gw.authorize(client["client_id"], redirect_uri=redirect_uri, response_type="token")
     await assert_html_refusal(resp)
 
 
@@ -104,8 +107,10 @@ async def test_repeated_client_id_or_redirect_uri_is_a_page(
     gw = await make_harness(store)
     client_id = (await gw.register())["client_id"]
     for name, value in [("client_id", client_id), ("redirect_uri", REDIRECT)]:
-        query = (f"response_type=code&client_id={client_id}&redirect_uri={REDIRECT}"
-                 f"&state=s&{name}={value}")
+        query = (
+            f"response_type=code&client_id={client_id}&redirect_uri={REDIRECT}"
+            f"&state=s&{name}={value}"
+        )
         resp = await gw.client.get(f"/oauth/authorize?{query}", allow_redirects=False)
         await assert_html_refusal(resp)
 
@@ -116,10 +121,12 @@ async def test_loopback_redirect_with_another_port_is_accepted(
     """RFC 8252 §7.3: the port of a loopback redirect URI may differ (R7)."""
     gw = await make_harness(store)
     client_id = (await gw.register())["client_id"]
-    resp = await gw.authorize(client_id, redirect_uri="http://127.0.0.1:61234/callback",
-                              response_type="token")
-    assert_error_redirect(resp, gw, "unsupported_response_type",
-                          base="http://127.0.0.1:61234/callback")
+    resp = await gw.authorize(
+        client_id, redirect_uri="http://127.0.0.1:61234/callback", response_type="token"
+    )
+    assert_error_redirect(
+        resp, gw, "unsupported_response_type", base="http://127.0.0.1:61234/callback"
+    )
 
 
 async def test_single_registered_uri_may_be_omitted(
@@ -137,8 +144,9 @@ async def test_omitted_uri_with_several_registered_is_a_page(
 ) -> None:
     """With several registered URIs an omitted `redirect_uri` cannot be guessed (R8)."""
     gw = await make_harness(store)
-    client_id = (await gw.register(redirect_uris=[REDIRECT, "https://app.example.com/cb"])
-                 )["client_id"]
+    client_id = (await gw.register(redirect_uris=[REDIRECT, "https://app.example.com/cb"]))[
+        "client_id"
+    ]
     await assert_html_refusal(await gw.authorize(client_id, redirect_uri=None))
 
 
@@ -170,9 +178,16 @@ async def test_missing_pkce_is_invalid_request(make_harness: HarnessFactory, sto
     """A request without code_challenge is refused (R6)."""
     gw = await make_harness(store)
     client_id = (await gw.register())["client_id"]
-    resp = await gw.client.get("/oauth/authorize", allow_redirects=False, params={
-        "response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT,
-        "state": "client-state-1"})
+    resp = await gw.client.get(
+        "/oauth/authorize",
+        allow_redirects=False,
+        params={
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": REDIRECT,
+            "state": "client-state-1",
+        },
+    )
     params = assert_error_redirect(resp, gw, "invalid_request")
     assert params["error_description"] == "code_challenge is required (PKCE)"
 
@@ -181,9 +196,17 @@ async def test_missing_state_is_invalid_request(make_harness: HarnessFactory, st
     """`state` is required; the redirect then carries no state (DESIGN §7.2)."""
     gw = await make_harness(store)
     client_id = (await gw.register())["client_id"]
-    resp = await gw.client.get("/oauth/authorize", allow_redirects=False, params={
-        "response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT,
-        "code_challenge": s256(new_verifier()), "code_challenge_method": "S256"})
+    resp = await gw.client.get(
+        "/oauth/authorize",
+        allow_redirects=False,
+        params={
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": REDIRECT,
+            "code_challenge": s256(new_verifier()),
+            "code_challenge_method": "S256",
+        },
+    )
     assert_error_redirect(resp, gw, "invalid_request", state=None)
 
 
@@ -193,9 +216,11 @@ async def test_repeated_parameter_is_invalid_request(
     """A repeated parameter (here `scope`) is refused (R14)."""
     gw = await make_harness(store)
     client_id = (await gw.register())["client_id"]
-    query = (f"response_type=code&client_id={client_id}&redirect_uri={REDIRECT}&state=s1"
-             f"&code_challenge={s256(new_verifier())}&code_challenge_method=S256"
-             "&scope=mcp&scope=offline_access")
+    query = (
+        f"response_type=code&client_id={client_id}&redirect_uri={REDIRECT}&state=s1"
+        f"&code_challenge={s256(new_verifier())}&code_challenge_method=S256"
+        "&scope=mcp&scope=offline_access"
+    )
     resp = await gw.client.get(f"/oauth/authorize?{query}", allow_redirects=False)
     params = assert_error_redirect(resp, gw, "invalid_request", state="s1")
     assert params["error_description"] == "parameter scope is repeated"
@@ -210,16 +235,29 @@ async def test_no_cors_on_the_authorization_endpoint(
     """A cross-origin GET gets no CORS headers and a preflight is refused (R14)."""
     gw = await make_harness(store)
     client_id = (await gw.register())["client_id"]
-    get = await gw.client.get("/oauth/authorize", headers={"Origin": "https://evil.example"},
-                              allow_redirects=False, params={
-        "response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT,
-        "state": "s", "code_challenge": s256(new_verifier()), "code_challenge_method": "S256"})
+    get = await gw.client.get(
+        "/oauth/authorize",
+        headers={"Origin": "https://evil.example"},
+        allow_redirects=False,
+        params={
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": REDIRECT,
+            "state": "s",
+            "code_challenge": s256(new_verifier()),
+            "code_challenge_method": "S256",
+        },
+    )
     assert get.status == 200
     assert not any(h.lower().startswith("access-control-") for h in get.headers)
-    pre = await gw.client.options("/oauth/authorize", headers={
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+    pre = await gw.client.options(
+        "/oauth/authorize",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+    )
     assert pre.status == 405
     assert pre.headers["Allow"] == "GET, POST"
+    head = await gw.client.head("/oauth/authorize")
+    assert head.status == 405
     assert not any(h.lower().startswith("access-control-") for h in pre.headers)
 
 
@@ -239,7 +277,7 @@ async def test_valid_request_shows_consent_before_any_upstream_hop(
     html = await resp.text()
     assert "Test MCP client" in html
     assert client_id in html
-    assert "<strong class=\"mono\">127.0.0.1</strong>" in html  # the redirect host (R24)
+    assert '<strong class="mono">127.0.0.1</strong>' in html  # the redirect host (R24)
     assert "localhost" in html  # the localhost-only warning (R24)
     assert gw.resource in html
     assert "<code>mcp</code>" in html
@@ -261,9 +299,18 @@ async def test_post_form_authorization_request(make_harness: HarnessFactory, sto
     """The authorization endpoint also takes a POSTed form (OAuth 2.1 §4.1.1)."""
     gw = await make_harness(store)
     client_id = (await gw.register())["client_id"]
-    resp = await gw.client.post("/oauth/authorize", allow_redirects=False, data={
-        "response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT,
-        "state": "s", "code_challenge": s256(new_verifier()), "code_challenge_method": "S256"})
+    resp = await gw.client.post(
+        "/oauth/authorize",
+        allow_redirects=False,
+        data={
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": REDIRECT,
+            "state": "s",
+            "code_challenge": s256(new_verifier()),
+            "code_challenge_method": "S256",
+        },
+    )
     assert resp.status == 200
     await consent_form(resp)
 
@@ -271,8 +318,11 @@ async def test_post_form_authorization_request(make_harness: HarnessFactory, sto
 async def approve(gw: Harness, client_id: str) -> aiohttp.ClientResponse:
     resp = await gw.authorize(client_id)
     csrf, txid = await consent_form(resp)
-    return await gw.client.post("/oauth/consent", allow_redirects=False,
-                                data={"csrf": csrf, "tx": txid, "decision": "approve"})
+    return await gw.client.post(
+        "/oauth/consent",
+        allow_redirects=False,
+        data={"csrf": csrf, "tx": txid, "decision": "approve"},
+    )
 
 
 async def test_approve_goes_upstream_and_remembers(
@@ -334,8 +384,9 @@ async def test_deny_sends_access_denied(make_harness: HarnessFactory, store: Sto
     gw = await make_harness(store)
     client_id = (await gw.register())["client_id"]
     csrf, txid = await consent_form(await gw.authorize(client_id))
-    resp = await gw.client.post("/oauth/consent", allow_redirects=False,
-                                data={"csrf": csrf, "tx": txid, "decision": "deny"})
+    resp = await gw.client.post(
+        "/oauth/consent", allow_redirects=False, data={"csrf": csrf, "tx": txid, "decision": "deny"}
+    )
     assert_error_redirect(resp, gw, "access_denied")
     assert await store.get_transaction(txid) is None
     assert gw.upstream.authorize_hits == 0
@@ -372,8 +423,11 @@ async def test_csrf_token_of_another_transaction_is_refused(
     client_id = (await gw.register())["client_id"]
     csrf_a, _ = await consent_form(await gw.authorize(client_id))
     _, txid_b = await consent_form(await gw.authorize(client_id))
-    resp = await gw.client.post("/oauth/consent", allow_redirects=False,
-                                data={"csrf": csrf_a, "tx": txid_b, "decision": "approve"})
+    resp = await gw.client.post(
+        "/oauth/consent",
+        allow_redirects=False,
+        data={"csrf": csrf_a, "tx": txid_b, "decision": "approve"},
+    )
     await assert_html_refusal(resp, 403)
 
 
@@ -387,8 +441,9 @@ async def test_consent_decision_is_single_use(make_harness: HarnessFactory, stor
     assert first.status == 303
     second = await gw.client.post("/oauth/consent", allow_redirects=False, data=data)
     await assert_html_refusal(second)
-    deny = await gw.client.post("/oauth/consent", allow_redirects=False,
-                                data={**data, "decision": "deny"})
+    deny = await gw.client.post(
+        "/oauth/consent", allow_redirects=False, data={**data, "decision": "deny"}
+    )
     await assert_html_refusal(deny)
 
 
@@ -399,9 +454,20 @@ async def test_pre_registered_client_from_policy(
     make_harness: HarnessFactory, store: Store
 ) -> None:
     """A client listed in `registration.clients` is known without registration."""
-    gw = await make_harness(store, policy={"registration": {"clients": [
-        {"client_id": "ide", "client_name": "The IDE",
-         "redirect_uris": ["https://ide.example.com/cb"]}]}})
+    gw = await make_harness(
+        store,
+        policy={
+            "registration": {
+                "clients": [
+                    {
+                        "client_id": "ide",
+                        "client_name": "The IDE",
+                        "redirect_uris": ["https://ide.example.com/cb"],
+                    }
+                ]
+            }
+        },
+    )
     resp = await gw.authorize("ide", redirect_uri="https://ide.example.com/cb")
     assert resp.status == 200
     html = await resp.text()

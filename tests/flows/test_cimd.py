@@ -23,8 +23,7 @@ from gateway.ports import Store
 from gateway.settings import RegistrationPolicy
 from tests.flows.conftest import REDIRECT, DocumentServer, HarnessFactory
 
-OPEN = RegistrationPolicy(cimd_allow_private_addresses=True, cimd_allow_http=True,
-                          cimd_timeout=1.0)
+OPEN = RegistrationPolicy(cimd_allow_private_addresses=True, cimd_allow_http=True, cimd_timeout=1.0)
 STRICT = RegistrationPolicy(cimd_timeout=1.0)
 
 
@@ -34,8 +33,9 @@ async def http() -> Any:
         yield session
 
 
-async def fetch(session: aiohttp.ClientSession, url: str, policy: RegistrationPolicy = OPEN,
-                **kw: Any) -> dict[str, Any]:
+async def fetch(
+    session: aiohttp.ClientSession, url: str, policy: RegistrationPolicy = OPEN, **kw: Any
+) -> dict[str, Any]:
     return await CimdFetcher(session, policy, **kw).fetch(url)
 
 
@@ -45,12 +45,27 @@ async def fetch(session: aiohttp.ClientSession, url: str, policy: RegistrationPo
 @pytest.mark.parametrize(
     "address",
     [
-        "127.0.0.1", "127.9.9.9", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
-        "100.64.0.1", "224.0.0.1", "255.255.255.255", "240.0.0.1", "::1", "::",
+        "127.0.0.1",
+        "127.9.9.9",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "224.0.0.1",
+        "255.255.255.255",
+        "240.0.0.1",
+        "::1",
+        "::",
         "0.0.0.0",  # noqa: S104 - an address under test, nothing binds to it
-
-        "fe80::1", "fc00::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
-        "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "2001:db8::1",
+        "fe80::1",
+        "fc00::1",
+        "ff02::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "64:ff9b::a9fe:a9fe",
+        "2002:7f00:1::",
+        "2001:db8::1",
     ],
 )
 def test_special_addresses_are_forbidden(address: str) -> None:
@@ -170,8 +185,9 @@ async def test_oversize_documents_are_refused(
 ) -> None:
     """Past `cimd_max_bytes` (5 KB) the fetch fails, with or without Content-Length (R24)."""
     url = doc_server.url + "/big.json"
-    big = json.dumps({"client_id": url, "redirect_uris": [REDIRECT],
-                      "client_name": "x" * 6000}).encode()
+    big = json.dumps(
+        {"client_id": url, "redirect_uris": [REDIRECT], "client_name": "x" * 6000}
+    ).encode()
 
     async def serve(request: web.Request) -> web.StreamResponse:
         if not chunked:
@@ -180,7 +196,7 @@ async def test_oversize_documents_are_refused(
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         for i in range(0, len(big), 1000):
-            await resp.write(big[i:i + 1000])
+            await resp.write(big[i : i + 1000])
         await resp.write_eof()
         return resp
 
@@ -200,8 +216,12 @@ async def test_oversize_documents_are_refused(
     ],
 )
 async def test_only_200_json_objects(
-    http: aiohttp.ClientSession, doc_server: DocumentServer,
-    status: int, ctype: str, body: bytes, reason: str,
+    http: aiohttp.ClientSession,
+    doc_server: DocumentServer,
+    status: int,
+    ctype: str,
+    body: bytes,
+    reason: str,
 ) -> None:
     """Only a 200 with a JSON object is a document (R24)."""
 
@@ -224,8 +244,9 @@ async def test_slow_server_times_out(
         return web.json_response({})
 
     doc_server.routes["/slow.json"] = stall
-    policy = RegistrationPolicy(cimd_allow_private_addresses=True, cimd_allow_http=True,
-                                cimd_timeout=0.2)
+    policy = RegistrationPolicy(
+        cimd_allow_private_addresses=True, cimd_allow_http=True, cimd_timeout=0.2
+    )
     with pytest.raises(CimdError) as info:
         await fetch(http, doc_server.url + "/slow.json", policy)
     assert str(info.value) == "time-out fetching the metadata document"
@@ -265,8 +286,11 @@ async def test_document_client_is_shown_and_cached(
         {"redirect_uris": [REDIRECT]},
         {"client_id": "SELF", "redirect_uris": ["http://evil.example/cb"]},
         {"client_id": "SELF", "redirect_uris": [REDIRECT], "client_secret": "s"},
-        {"client_id": "SELF", "redirect_uris": [REDIRECT],
-         "token_endpoint_auth_method": "client_secret_basic"},
+        {
+            "client_id": "SELF",
+            "redirect_uris": [REDIRECT],
+            "token_endpoint_auth_method": "client_secret_basic",
+        },
     ],
 )
 async def test_bad_documents_are_refused_and_not_cached(
@@ -287,8 +311,12 @@ async def test_bad_documents_are_refused_and_not_cached(
 
 async def test_documents_off_by_policy(make_harness: HarnessFactory, store: Store) -> None:
     """With `client_id_metadata_documents = false` a URL client_id is unknown, never fetched."""
-    gw = await make_harness(store, policy={"registration": {
-        **OPEN_POLICY["registration"], "client_id_metadata_documents": False}})
+    gw = await make_harness(
+        store,
+        policy={
+            "registration": {**OPEN_POLICY["registration"], "client_id_metadata_documents": False}
+        },
+    )
     url = gw.docs.client_document("/client.json")
     resp = await gw.authorize(url)
     assert resp.status == 400

@@ -12,10 +12,16 @@ from tests.flows.conftest import REDIRECT, HarnessFactory
 
 def transaction(stage: str, **extra: object) -> Json:
     return {
-        "client_id": "c1", "redirect_uri": REDIRECT, "state": "s", "stage": stage,
+        "client_id": "c1",
+        "redirect_uri": REDIRECT,
+        "state": "s",
+        "stage": stage,
         "code_challenge": "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
-        "scope": "mcp", "resource": "http://127.0.0.1:8080/mcp", "sub": "alice",
-        "amr_upstream": ["pwd"], **extra,
+        "scope": "mcp",
+        "resource": "http://127.0.0.1:8080/mcp",
+        "sub": "alice",
+        "amr_upstream": ["pwd"],
+        **extra,
     }
 
 
@@ -63,9 +69,13 @@ async def test_transaction_must_match_the_stored_one(
     gw = await make_harness(store)
     await store.put_transaction("tx1", transaction("done"), 600)
     with pytest.raises(StepUpIncomplete):
-        await issue_code(store, gw.settings, "tx1",
-                         transaction("done", redirect_uri="https://evil.example/cb"),
-                         gw.clock.now())
+        await issue_code(
+            store,
+            gw.settings,
+            "tx1",
+            transaction("done", redirect_uri="https://evil.example/cb"),
+            gw.clock.now(),
+        )
 
 
 async def test_subject_required(make_harness: HarnessFactory, store: Store) -> None:
@@ -86,10 +96,13 @@ async def test_code_record_binding(make_harness: HarnessFactory, store: Store) -
     assert await store.take_code(code) is None  # never stored in the clear
     data = await store.take_code(token_hash(code))
     assert data is not None
-    assert {k: data[k] for k in ("client_id", "redirect_uri", "code_challenge", "resource",
-                                 "scope", "sub")} == {
-        k: tx[k] for k in ("client_id", "redirect_uri", "code_challenge", "resource", "scope",
-                           "sub")}
+    assert {
+        k: data[k]
+        for k in ("client_id", "redirect_uri", "code_challenge", "resource", "scope", "sub")
+    } == {
+        k: tx[k]
+        for k in ("client_id", "redirect_uri", "code_challenge", "resource", "scope", "sub")
+    }
     assert data["amr"] == ["pwd", "hwk", "otp", "mfa"]
     assert data["auth_time"] == int(gw.clock.now())
     assert data["acr"] == "urn:mfa-gateway:totp"

@@ -66,14 +66,20 @@ async def test_confidential_client_secret_returned_once_stored_hashed(
         ({"redirect_uris": []}, "invalid_redirect_uri"),
         ({"client_name": "no uris"}, "invalid_redirect_uri"),
         ({"redirect_uris": [REDIRECT], "grant_types": ["implicit"]}, "invalid_client_metadata"),
-        ({"redirect_uris": [REDIRECT], "grant_types": ["client_credentials"]},
-         "invalid_client_metadata"),
+        (
+            {"redirect_uris": [REDIRECT], "grant_types": ["client_credentials"]},
+            "invalid_client_metadata",
+        ),
         ({"redirect_uris": [REDIRECT], "response_types": ["token"]}, "invalid_client_metadata"),
-        ({"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "private_key_jwt"},
-         "invalid_client_metadata"),
+        (
+            {"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "private_key_jwt"},
+            "invalid_client_metadata",
+        ),
         ({"redirect_uris": [REDIRECT], "client_name": "a\u202eb"}, "invalid_client_metadata"),
-        ({"redirect_uris": [REDIRECT], "client_uri": "javascript:alert(1)"},
-         "invalid_client_metadata"),
+        (
+            {"redirect_uris": [REDIRECT], "client_uri": "javascript:alert(1)"},
+            "invalid_client_metadata",
+        ),
     ],
 )
 async def test_invalid_metadata_refused(
@@ -92,18 +98,21 @@ async def test_not_json_is_invalid_client_metadata(
 ) -> None:
     """A body that is not a JSON object is `invalid_client_metadata`."""
     gw = await make_harness(store)
-    for body, ctype in [(b"{not json", "application/json"), (b"[]", "application/json"),
-                        (b"redirect_uris=x", "application/x-www-form-urlencoded")]:
-        resp = await gw.client.post("/oauth/register", data=body,
-                                    headers={"Content-Type": ctype})
+    for body, ctype in [
+        (b"{not json", "application/json"),
+        (b"[]", "application/json"),
+        (b"redirect_uris=x", "application/x-www-form-urlencoded"),
+    ]:
+        resp = await gw.client.post("/oauth/register", data=body, headers={"Content-Type": ctype})
         assert resp.status == 400
         assert (await resp.json())["error"] == "invalid_client_metadata"
 
 
 async def test_custom_scheme_only_when_listed(make_harness: HarnessFactory, store: Store) -> None:
     """A private-use scheme is accepted when the policy lists it (DESIGN §2.3)."""
-    gw = await make_harness(store, policy={"registration": {
-        "allowed_custom_schemes": ["com.example.app"]}})
+    gw = await make_harness(
+        store, policy={"registration": {"allowed_custom_schemes": ["com.example.app"]}}
+    )
     body = await gw.register(redirect_uris=["com.example.app:/oauth2redirect"])
     assert body["redirect_uris"] == ["com.example.app:/oauth2redirect"]
 
@@ -124,8 +133,9 @@ async def test_rate_limited_per_ip(make_harness: HarnessFactory, store: Store) -
     await gw.register()
     bad = await gw.client.post("/oauth/register", json={"redirect_uris": ["http://x.example/"]})
     assert bad.status == 400
-    resp = await gw.client.post("/oauth/register", json=SDK_METADATA,
-                                headers={"X-Forwarded-For": "203.0.113.9"})
+    resp = await gw.client.post(
+        "/oauth/register", json=SDK_METADATA, headers={"X-Forwarded-For": "203.0.113.9"}
+    )
     assert resp.status == 429
     assert resp.headers["Retry-After"] == "3600"
     assert (await resp.json())["error"] == "slow_down"
@@ -133,20 +143,26 @@ async def test_rate_limited_per_ip(make_harness: HarnessFactory, store: Store) -
 
 async def test_forwarded_ip_counts_when_trusted(make_harness: HarnessFactory, store: Store) -> None:
     """Behind a trusted proxy the limit is per forwarded client address."""
-    gw = await make_harness(store, server={"trust_forwarded_headers": True},
-                            policy={"registration": {"registrations_per_ip_per_hour": 1}})
-    one = await gw.client.post("/oauth/register", json=SDK_METADATA,
-                               headers={"X-Forwarded-For": "203.0.113.9"})
-    two = await gw.client.post("/oauth/register", json=SDK_METADATA,
-                               headers={"X-Forwarded-For": "203.0.113.10"})
-    three = await gw.client.post("/oauth/register", json=SDK_METADATA,
-                                 headers={"X-Forwarded-For": "203.0.113.10"})
+    gw = await make_harness(
+        store,
+        server={"trust_forwarded_headers": True},
+        policy={"registration": {"registrations_per_ip_per_hour": 1}},
+    )
+    one = await gw.client.post(
+        "/oauth/register", json=SDK_METADATA, headers={"X-Forwarded-For": "203.0.113.9"}
+    )
+    two = await gw.client.post(
+        "/oauth/register", json=SDK_METADATA, headers={"X-Forwarded-For": "203.0.113.10"}
+    )
+    three = await gw.client.post(
+        "/oauth/register", json=SDK_METADATA, headers={"X-Forwarded-For": "203.0.113.10"}
+    )
     assert (one.status, two.status, three.status) == (201, 201, 429)
 
 
 async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
     for i in range(0, len(data), size):
-        yield data[i:i + size]
+        yield data[i : i + size]
 
 
 async def test_body_in_many_chunks_is_read_whole(
@@ -155,8 +171,9 @@ async def test_body_in_many_chunks_is_read_whole(
     """A chunked JSON body arriving in small pieces is read completely."""
     gw = await make_harness(store)
     raw = json.dumps(SDK_METADATA).encode()
-    resp = await gw.client.post("/oauth/register", data=_chunks(raw, 7),
-                                headers={"Content-Type": "application/json"})
+    resp = await gw.client.post(
+        "/oauth/register", data=_chunks(raw, 7), headers={"Content-Type": "application/json"}
+    )
     assert resp.status == 201
 
 
@@ -168,7 +185,8 @@ async def test_oversize_registration_refused(
     gw = await make_harness(store)
     raw = json.dumps({**SDK_METADATA, "client_name": "x" * 20000}).encode()
     data: Any = _chunks(raw, 4096) if chunked else raw
-    resp = await gw.client.post("/oauth/register", data=data,
-                                headers={"Content-Type": "application/json"})
+    resp = await gw.client.post(
+        "/oauth/register", data=data, headers={"Content-Type": "application/json"}
+    )
     assert resp.status == 400
     assert (await resp.json())["error"] == "invalid_client_metadata"

@@ -11,8 +11,9 @@ from tests.flows.conftest import Harness, HarnessFactory
 
 
 async def revoke(gw: Harness, client_id: str, token: str, **extra: str) -> int:
-    resp = await gw.client.post("/oauth/revoke", data={"token": token, "client_id": client_id,
-                                                       **extra})
+    resp = await gw.client.post(
+        "/oauth/revoke", data={"token": token, "client_id": client_id, **extra}
+    )
     assert resp.headers["Cache-Control"] == "no-store"
     return resp.status
 
@@ -28,8 +29,13 @@ async def test_revoking_a_refresh_token_revokes_the_grant(
     verified = verify_own_access_token(gw.settings, gw.keys, body["access_token"], gw.clock.now())
     assert verified is not None
     assert await store.is_revoked(verified.jti) is True
-    resp = await gw.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"],
-                           "client_id": client_id})
+    resp = await gw.token(
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": body["refresh_token"],
+            "client_id": client_id,
+        }
+    )
     assert resp.status == 400
     assert (await resp.json())["error"] == "invalid_grant"
     assert gw.metric("mfagw_tokens_total", event="revoked") == 1
@@ -40,8 +46,7 @@ async def test_revoking_an_access_token(make_harness: HarnessFactory, store: Sto
     gw = await make_harness(store)
     client_id = (await gw.register())["client_id"]
     body = await gw.tokens_for(client_id)
-    assert await revoke(gw, client_id, body["access_token"],
-                        token_type_hint="access_token") == 200
+    assert await revoke(gw, client_id, body["access_token"], token_type_hint="access_token") == 200
     verified = verify_own_access_token(gw.settings, gw.keys, body["access_token"], gw.clock.now())
     assert verified is not None
     assert await store.is_revoked(verified.jti) is True
@@ -60,8 +65,9 @@ async def test_tokens_of_another_client_are_not_revoked(
     verified = verify_own_access_token(gw.settings, gw.keys, body["access_token"], gw.clock.now())
     assert verified is not None
     assert await store.is_revoked(verified.jti) is False
-    resp = await gw.token({"grant_type": "refresh_token", "refresh_token": body["refresh_token"],
-                           "client_id": a})
+    resp = await gw.token(
+        {"grant_type": "refresh_token", "refresh_token": body["refresh_token"], "client_id": a}
+    )
     assert resp.status == 200
 
 
@@ -73,9 +79,17 @@ async def test_unknown_and_forged_tokens_get_200(
     gw = await make_harness(store)
     client_id = (await gw.register())["client_id"]
     forged = jwt.encode(
-        {"iss": gw.issuer, "aud": gw.resource, "sub": "alice", "client_id": client_id,
-         "jti": "victim-jti", "iat": int(gw.clock.now()), "exp": int(gw.clock.now()) + 600},
-        ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
+        {
+            "iss": gw.issuer,
+            "aud": gw.resource,
+            "sub": "alice",
+            "client_id": client_id,
+            "jti": "victim-jti",
+            "iat": int(gw.clock.now()),
+            "exp": int(gw.clock.now()) + 600,
+        },
+        ec.generate_private_key(ec.SECP256R1()),
+        algorithm="ES256",
         headers={"kid": "es256-1", "typ": "at+jwt"},
     )
     for token in ["garbage", "a.b", "a.b.c", forged, "x" * 3000]:

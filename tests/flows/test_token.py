@@ -33,10 +33,17 @@ def verify(gw: Harness, token: str) -> VerifiedToken:
     return verified
 
 
-async def refresh(gw: Harness, client_id: str, refresh_token: str, **extra: str
-                  ) -> aiohttp.ClientResponse:
-    return await gw.token({"grant_type": "refresh_token", "refresh_token": refresh_token,
-                           "client_id": client_id, **extra})
+async def refresh(
+    gw: Harness, client_id: str, refresh_token: str, **extra: str
+) -> aiohttp.ClientResponse:
+    return await gw.token(
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "client_id": client_id,
+            **extra,
+        }
+    )
 
 
 # --------------------------------------------------------------------------- code redemption
@@ -84,8 +91,7 @@ async def test_code_is_single_use_and_replay_revokes(
     first = await (await gw.redeem(client_id, code, verifier)).json()
     await assert_error(await gw.redeem(client_id, code, verifier), 400, "invalid_grant")
     assert await store.is_revoked(verify(gw, first["access_token"]).jti) is True
-    await assert_error(await refresh(gw, client_id, first["refresh_token"]), 400,
-                       "invalid_grant")
+    await assert_error(await refresh(gw, client_id, first["refresh_token"]), 400, "invalid_grant")
     assert gw.metric("mfagw_tokens_total", event="reuse_detected") == 1
 
 
@@ -106,8 +112,9 @@ async def test_replay_with_invalid_parameters_revokes_nothing(
     elif bad == "client":
         replay = await gw.redeem(other, code, verifier)
     else:
-        replay = await gw.redeem(client_id, code, verifier,
-                                 redirect_uri="http://127.0.0.1:5555/other")
+        replay = await gw.redeem(
+            client_id, code, verifier, redirect_uri="http://127.0.0.1:5555/other"
+        )
     await assert_error(replay, 400, "invalid_grant")
     assert await store.is_revoked(verify(gw, first["access_token"]).jti) is False
     assert (await refresh(gw, client_id, first["refresh_token"])).status == 200
@@ -137,8 +144,9 @@ async def test_missing_verifier(make_harness: HarnessFactory, store: Store) -> N
     client_id = (await gw.register())["client_id"]
     verifier = new_verifier()
     code, _ = await gw.seed_code(client_id, verifier)
-    resp = await gw.token({"grant_type": "authorization_code", "code": code,
-                           "client_id": client_id})
+    resp = await gw.token(
+        {"grant_type": "authorization_code", "code": code, "client_id": client_id}
+    )
     await assert_error(resp, 400, "invalid_request")
     assert (await gw.redeem(client_id, code, verifier)).status == 200
 
@@ -151,10 +159,18 @@ async def test_redirect_uri_enforced_when_sent(make_harness: HarnessFactory, sto
     code, _ = await gw.seed_code(client_id, verifier)
     await assert_error(
         await gw.redeem(client_id, code, verifier, redirect_uri="http://127.0.0.1:5556/callback"),
-        400, "invalid_grant")
+        400,
+        "invalid_grant",
+    )
     code2, _ = await gw.seed_code(client_id, verifier)
-    resp = await gw.token({"grant_type": "authorization_code", "code": code2,
-                           "code_verifier": verifier, "client_id": client_id})
+    resp = await gw.token(
+        {
+            "grant_type": "authorization_code",
+            "code": code2,
+            "code_verifier": verifier,
+            "client_id": client_id,
+        }
+    )
     assert resp.status == 200
 
 
@@ -164,9 +180,11 @@ async def test_resource_must_match(make_harness: HarnessFactory, store: Store) -
     client_id = (await gw.register())["client_id"]
     verifier = new_verifier()
     code, _ = await gw.seed_code(client_id, verifier)
-    await assert_error(await gw.redeem(client_id, code, verifier,
-                                       resource="http://127.0.0.1:8080/other"),
-                       400, "invalid_target")
+    await assert_error(
+        await gw.redeem(client_id, code, verifier, resource="http://127.0.0.1:8080/other"),
+        400,
+        "invalid_target",
+    )
     code2, _ = await gw.seed_code(client_id, verifier)
     assert (await gw.redeem(client_id, code2, verifier, resource=gw.resource)).status == 200
 
@@ -194,8 +212,11 @@ async def test_no_refresh_token_without_the_grant(
 @pytest.mark.parametrize(
     ("form", "status", "error"),
     [
-        ({"grant_type": "password", "username": "a", "password": "b"}, 400,
-         "unsupported_grant_type"),
+        (
+            {"grant_type": "password", "username": "a", "password": "b"},
+            400,
+            "unsupported_grant_type",
+        ),
         ({"grant_type": "client_credentials"}, 400, "unsupported_grant_type"),
         ({}, 400, "invalid_request"),
     ],
@@ -214,9 +235,15 @@ async def test_parameters_in_query_refused(make_harness: HarnessFactory, store: 
     client_id = (await gw.register())["client_id"]
     verifier = new_verifier()
     code, _ = await gw.seed_code(client_id, verifier)
-    resp = await gw.client.post(f"/oauth/token?code={code}", data={
-        "grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-        "client_id": client_id})
+    resp = await gw.client.post(
+        f"/oauth/token?code={code}",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "code_verifier": verifier,
+            "client_id": client_id,
+        },
+    )
     await assert_error(resp, 400, "invalid_request")
 
 
@@ -234,8 +261,10 @@ async def test_confidential_basic(make_harness: HarnessFactory, store: Store) ->
     client_id, secret = await confidential(gw)
     verifier = new_verifier()
     code, _ = await gw.seed_code(client_id, verifier)
-    resp = await gw.token({"grant_type": "authorization_code", "code": code,
-                           "code_verifier": verifier}, auth=basic(client_id, secret))
+    resp = await gw.token(
+        {"grant_type": "authorization_code", "code": code, "code_verifier": verifier},
+        auth=basic(client_id, secret),
+    )
     assert resp.status == 200
 
 
@@ -248,12 +277,16 @@ async def test_wrong_secret_basic_gets_challenge(
     client_id, secret = await confidential(gw)
     verifier = new_verifier()
     code, _ = await gw.seed_code(client_id, verifier)
-    resp = await gw.token({"grant_type": "authorization_code", "code": code,
-                           "code_verifier": verifier}, auth=basic(client_id, secret + "x"))
+    resp = await gw.token(
+        {"grant_type": "authorization_code", "code": code, "code_verifier": verifier},
+        auth=basic(client_id, secret + "x"),
+    )
     await assert_error(resp, 401, "invalid_client")
     assert resp.headers["WWW-Authenticate"] == 'Basic realm="mfa-gateway"'
-    ok = await gw.token({"grant_type": "authorization_code", "code": code,
-                         "code_verifier": verifier}, auth=basic(client_id, secret))
+    ok = await gw.token(
+        {"grant_type": "authorization_code", "code": code, "code_verifier": verifier},
+        auth=basic(client_id, secret),
+    )
     assert ok.status == 200
 
 
@@ -291,8 +324,10 @@ async def test_two_auth_methods_refused(make_harness: HarnessFactory, store: Sto
     """Basic and a form secret together: `invalid_request`."""
     gw = await make_harness(store)
     client_id, secret = await confidential(gw)
-    resp = await gw.token({"grant_type": "refresh_token", "refresh_token": "a.b",
-                           "client_secret": secret}, auth=basic(client_id, secret))
+    resp = await gw.token(
+        {"grant_type": "refresh_token", "refresh_token": "a.b", "client_secret": secret},
+        auth=basic(client_id, secret),
+    )
     await assert_error(resp, 400, "invalid_request")
 
 
@@ -313,15 +348,27 @@ async def test_client_authentication_failures(
 
 async def test_static_confidential_client(make_harness: HarnessFactory, store: Store) -> None:
     """A pre-registered client with a secret from policy authenticates with it."""
-    gw = await make_harness(store, policy={"registration": {"clients": [
-        {"client_id": "svc", "client_secret": "s" * 40, "redirect_uris": [REDIRECT]}]}})
+    gw = await make_harness(
+        store,
+        policy={
+            "registration": {
+                "clients": [
+                    {"client_id": "svc", "client_secret": "s" * 40, "redirect_uris": [REDIRECT]}
+                ]
+            }
+        },
+    )
     verifier = new_verifier()
     code, _ = await gw.seed_code("svc", verifier)
-    bad = await gw.token({"grant_type": "authorization_code", "code": code,
-                          "code_verifier": verifier}, auth=basic("svc", "t" * 40))
+    bad = await gw.token(
+        {"grant_type": "authorization_code", "code": code, "code_verifier": verifier},
+        auth=basic("svc", "t" * 40),
+    )
     await assert_error(bad, 401, "invalid_client")
-    ok = await gw.token({"grant_type": "authorization_code", "code": code,
-                         "code_verifier": verifier}, auth=basic("svc", "s" * 40))
+    ok = await gw.token(
+        {"grant_type": "authorization_code", "code": code, "code_verifier": verifier},
+        auth=basic("svc", "s" * 40),
+    )
     assert ok.status == 200
 
 
@@ -342,8 +389,7 @@ async def test_refresh_rotates(make_harness: HarnessFactory, store: Store) -> No
     assert second["refresh_token"] != first["refresh_token"]
     assert second["refresh_token"].split(".")[0] == first["refresh_token"].split(".")[0]
     old, new = verify(gw, first["access_token"]), verify(gw, second["access_token"])
-    assert (new.auth_time, new.amr, new.acr, new.gid) == (old.auth_time, old.amr, old.acr,
-                                                          old.gid)
+    assert (new.auth_time, new.amr, new.acr, new.gid) == (old.auth_time, old.amr, old.acr, old.gid)
     assert new.issued_at == old.issued_at + 300
     assert new.jti != old.jti
     assert gw.metric("mfagw_tokens_total", event="refreshed") == 1
@@ -358,10 +404,8 @@ async def test_reuse_of_rotated_token_revokes_family(
     client_id = (await gw.register())["client_id"]
     first = await gw.tokens_for(client_id)
     second = await (await refresh(gw, client_id, first["refresh_token"])).json()
-    await assert_error(await refresh(gw, client_id, first["refresh_token"]), 400,
-                       "invalid_grant")
-    await assert_error(await refresh(gw, client_id, second["refresh_token"]), 400,
-                       "invalid_grant")
+    await assert_error(await refresh(gw, client_id, first["refresh_token"]), 400, "invalid_grant")
+    await assert_error(await refresh(gw, client_id, second["refresh_token"]), 400, "invalid_grant")
     for body in (first, second):
         assert await store.is_revoked(verify(gw, body["access_token"]).jti) is True
     assert gw.metric("mfagw_tokens_total", event="reuse_detected") == 1
@@ -379,8 +423,12 @@ async def test_invalid_refresh_tokens(
     client_id = (await gw.register())["client_id"]
     body = await gw.tokens_for(client_id)
     gid = body["refresh_token"].split(".")[0]
-    presented = {"garbage": "x", "no-dot": gid, "unknown-family": "nofamily.secret",
-                 "wrong-secret": gid + ".guess"}[token_of]
+    presented = {
+        "garbage": "x",
+        "no-dot": gid,
+        "unknown-family": "nofamily.secret",
+        "wrong-secret": gid + ".guess",
+    }[token_of]
     await assert_error(await refresh(gw, client_id, presented), 400, "invalid_grant")
     assert (await refresh(gw, client_id, body["refresh_token"])).status == 200
 
@@ -400,8 +448,11 @@ async def test_refresh_scope_only_narrows(make_harness: HarnessFactory, store: S
     gw = await make_harness(store)
     client_id = (await gw.register())["client_id"]
     body = await gw.tokens_for(client_id, scope="mcp")
-    await assert_error(await refresh(gw, client_id, body["refresh_token"],
-                                     scope="mcp offline_access"), 400, "invalid_scope")
+    await assert_error(
+        await refresh(gw, client_id, body["refresh_token"], scope="mcp offline_access"),
+        400,
+        "invalid_scope",
+    )
     body = await gw.tokens_for(client_id, scope="mcp offline_access")
     narrowed = await refresh(gw, client_id, body["refresh_token"], scope="mcp")
     assert narrowed.status == 200
@@ -415,9 +466,11 @@ async def test_refresh_resource_must_match(make_harness: HarnessFactory, store: 
     gw = await make_harness(store)
     client_id = (await gw.register())["client_id"]
     body = await gw.tokens_for(client_id)
-    await assert_error(await refresh(gw, client_id, body["refresh_token"],
-                                     resource="http://127.0.0.1:8080/other"),
-                       400, "invalid_target")
+    await assert_error(
+        await refresh(gw, client_id, body["refresh_token"], resource="http://127.0.0.1:8080/other"),
+        400,
+        "invalid_target",
+    )
     ok = await refresh(gw, client_id, body["refresh_token"], resource=gw.resource)
     assert ok.status == 200
 
@@ -432,20 +485,21 @@ async def test_refresh_never_extends_mfa(make_harness: HarnessFactory, store: St
     assert ok.status == 200
     rotated = await ok.json()
     gw.clock.advance(601)
-    await assert_error(await refresh(gw, client_id, rotated["refresh_token"]), 400,
-                       "invalid_grant")
+    await assert_error(await refresh(gw, client_id, rotated["refresh_token"]), 400, "invalid_grant")
 
 
 # --------------------------------------------------------------------------- upstream tokens
 
 
-UPSTREAM_RESOURCE = [{"path": "/mcp", "upstream": "http://127.0.0.1:9/mcp",
-                      "forward_token": "upstream"}]
+UPSTREAM_RESOURCE = [
+    {"path": "/mcp", "upstream": "http://127.0.0.1:9/mcp", "forward_token": "upstream"}
+]
 
 
 async def seed_upstream_tokens(gw: Harness, txid: str) -> None:
-    tokens = UpstreamTokens(access_token="up-at-0", refresh_token="up-rt-0",
-                            expires_at=gw.clock.now() + 3600)
+    tokens = UpstreamTokens(
+        access_token="up-at-0", refresh_token="up-rt-0", expires_at=gw.clock.now() + 3600
+    )
     await store_tokens(gw.store, gw.sealer, txid, tokens, ttl=600, now=gw.clock.now())
 
 
@@ -502,5 +556,6 @@ async def test_upstream_refresh_failure_fails_the_refresh(
     assert ok.status == 200
     assert gw.upstream.refreshes == 2
     gw.upstream.refresh_answer = "invalid_grant"
-    await assert_error(await refresh(gw, client_id, (await ok.json())["refresh_token"]), 400,
-                       "invalid_grant")
+    await assert_error(
+        await refresh(gw, client_id, (await ok.json())["refresh_token"]), 400, "invalid_grant"
+    )

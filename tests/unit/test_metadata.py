@@ -34,7 +34,9 @@ def test_advertises_only_what_is_enforced(tmp_path: Path) -> None:
     assert doc["grant_types_supported"] == ["authorization_code", "refresh_token"]
     assert doc["code_challenge_methods_supported"] == ["S256"]
     assert doc["token_endpoint_auth_methods_supported"] == [
-        "none", "client_secret_basic", "client_secret_post"
+        "none",
+        "client_secret_basic",
+        "client_secret_post",
     ]
     assert doc["authorization_response_iss_parameter_supported"] is True
     assert doc["client_id_metadata_document_supported"] is True
@@ -42,10 +44,12 @@ def test_advertises_only_what_is_enforced(tmp_path: Path) -> None:
 
 def test_policy_switches(tmp_path: Path) -> None:
     """No registration endpoint when dynamic registration is off; CIMD flag per policy (R5)."""
-    doc = authorization_server_metadata(settings_for(
-        tmp_path, policy={"registration": {"dynamic": False,
-                                           "client_id_metadata_documents": False}}
-    ))
+    doc = authorization_server_metadata(
+        settings_for(
+            tmp_path,
+            policy={"registration": {"dynamic": False, "client_id_metadata_documents": False}},
+        )
+    )
     assert "registration_endpoint" not in doc
     assert doc["client_id_metadata_document_supported"] is False
 

@@ -52,8 +52,14 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
             {"path": "/mcp", "upstream": "http://127.0.0.1:9/mcp"},
             {"path": "/files", "upstream": "http://127.0.0.1:9/files", "policy": "files"},
         ],
-        policies={"files": {"mcp": {"scopes_supported": ["files:read", "files:write"],
-                                    "default_scopes": ["files:read"]}}},
+        policies={
+            "files": {
+                "mcp": {
+                    "scopes_supported": ["files:read", "files:write"],
+                    "default_scopes": ["files:read"],
+                }
+            }
+        },
     )
     return load_settings(path)
 
@@ -71,11 +77,15 @@ def authorize_pairs(**overrides: str | None) -> Pairs:
     return [(k, v) for k, v in base.items() if v is not None]
 
 
-def parse(settings: Settings, pairs: Sequence[tuple[str, str]],
-          client_scopes: Sequence[str] | None = None) -> AuthorizeRequest:
+def parse(
+    settings: Settings, pairs: Sequence[tuple[str, str]], client_scopes: Sequence[str] | None = None
+) -> AuthorizeRequest:
     target = parse_authorize_target(pairs)
     return parse_authorize_request(
-        pairs, target=target, redirect_uri=REDIRECT, settings=settings,
+        pairs,
+        target=target,
+        redirect_uri=REDIRECT,
+        settings=settings,
         client_scopes=client_scopes,
     )
 
@@ -198,8 +208,9 @@ class TestAuthorizeRequest:
 
     def test_client_scopes_narrow(self, settings: Settings) -> None:
         """A client registered with `scope` gets no more than that."""
-        req = parse(settings, authorize_pairs(scope="mcp offline_access"),
-                    client_scopes=["offline_access"])
+        req = parse(
+            settings, authorize_pairs(scope="mcp offline_access"), client_scopes=["offline_access"]
+        )
         assert req.scope == ("offline_access",)
 
     def test_client_scopes_leaving_nothing(self, settings: Settings) -> None:
@@ -208,10 +219,15 @@ class TestAuthorizeRequest:
             parse(settings, authorize_pairs(), client_scopes=["other"])
         assert info.value.state == "st-123"
 
-    @pytest.mark.parametrize(("name", "value"), [("response_mode", "fragment"),
-                                                 ("response_mode", "form_post"),
-                                                 ("request_uri", "urn:x"),
-                                                 ("request", "eyJ...")])
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [
+            ("response_mode", "fragment"),
+            ("response_mode", "form_post"),
+            ("request_uri", "urn:x"),
+            ("request", "eyJ..."),
+        ],
+    )
     def test_response_modes_and_request_objects_refused(
         self, settings: Settings, name: str, value: str
     ) -> None:
@@ -220,20 +236,36 @@ class TestAuthorizeRequest:
             parse(settings, authorize_pairs(**{name: value}))
 
     @hsettings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=300)
-    @given(st.lists(st.tuples(
-        st.sampled_from(["client_id", "redirect_uri", "state", "response_type", "scope",
-                         "code_challenge", "code_challenge_method", "resource",
-                         "response_mode", "x"]) | st.text(max_size=8),
-        st.text(max_size=80) | st.sampled_from(["code", "S256", CHALLENGE, MCP, REDIRECT]),
-    ), max_size=12))
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(
+                    [
+                        "client_id",
+                        "redirect_uri",
+                        "state",
+                        "response_type",
+                        "scope",
+                        "code_challenge",
+                        "code_challenge_method",
+                        "resource",
+                        "response_mode",
+                        "x",
+                    ]
+                )
+                | st.text(max_size=8),
+                st.text(max_size=80) | st.sampled_from(["code", "S256", CHALLENGE, MCP, REDIRECT]),
+            ),
+            max_size=12,
+        )
+    )
     def test_arbitrary_input_raises_only_oauth_errors(
         self, settings: Settings, pairs: Pairs
     ) -> None:
         """Property: any input either parses or raises an `OAuthError`, nothing else."""
         try:
             target = parse_authorize_target(pairs)
-            parse_authorize_request(pairs, target=target, redirect_uri=REDIRECT,
-                                    settings=settings)
+            parse_authorize_request(pairs, target=target, redirect_uri=REDIRECT, settings=settings)
         except OAuthError:
             pass
 
@@ -256,15 +288,26 @@ class TestScopes:
 class TestTokenRequest:
     def test_authorization_code(self) -> None:
         """code and code_verifier are read; redirect_uri and resource optional."""
-        req = parse_token_request([("grant_type", "authorization_code"), ("code", "c"),
-                                   ("code_verifier", "v"), ("client_id", "cl")])
+        req = parse_token_request(
+            [
+                ("grant_type", "authorization_code"),
+                ("code", "c"),
+                ("code_verifier", "v"),
+                ("client_id", "cl"),
+            ]
+        )
         assert (req.code, req.code_verifier, req.client_id, req.redirect_uri) == (
-            "c", "v", "cl", None)
+            "c",
+            "v",
+            "cl",
+            None,
+        )
 
     def test_refresh(self) -> None:
         """refresh_token and an optional scope are read."""
-        req = parse_token_request([("grant_type", "refresh_token"), ("refresh_token", "r"),
-                                   ("scope", "mcp")])
+        req = parse_token_request(
+            [("grant_type", "refresh_token"), ("refresh_token", "r"), ("scope", "mcp")]
+        )
         assert (req.refresh_token, req.scope) == ("r", "mcp")
 
     @pytest.mark.parametrize(
@@ -277,10 +320,19 @@ class TestTokenRequest:
             ([("grant_type", "authorization_code"), ("code_verifier", "v")], InvalidRequest),
             ([("grant_type", "authorization_code"), ("code", "c")], InvalidRequest),
             ([("grant_type", "refresh_token")], InvalidRequest),
-            ([("grant_type", "authorization_code"), ("code", "c"), ("code", "d"),
-              ("code_verifier", "v")], InvalidRequest),
-            ([("grant_type", "refresh_token"), ("refresh_token", "r"),
-              ("client_id", "a\x01")], InvalidClient),
+            (
+                [
+                    ("grant_type", "authorization_code"),
+                    ("code", "c"),
+                    ("code", "d"),
+                    ("code_verifier", "v"),
+                ],
+                InvalidRequest,
+            ),
+            (
+                [("grant_type", "refresh_token"), ("refresh_token", "r"), ("client_id", "a\x01")],
+                InvalidClient,
+            ),
         ],
     )
     def test_errors(self, pairs: Pairs, error: type[OAuthError]) -> None:
@@ -288,11 +340,27 @@ class TestTokenRequest:
         with pytest.raises(error):
             parse_token_request(pairs)
 
-    @given(st.lists(st.tuples(
-        st.sampled_from(["grant_type", "code", "code_verifier", "refresh_token", "client_id",
-                         "client_secret", "scope", "resource"]) | st.text(max_size=6),
-        st.text(max_size=40) | st.sampled_from(["authorization_code", "refresh_token"]),
-    ), max_size=10))
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(
+                    [
+                        "grant_type",
+                        "code",
+                        "code_verifier",
+                        "refresh_token",
+                        "client_id",
+                        "client_secret",
+                        "scope",
+                        "resource",
+                    ]
+                )
+                | st.text(max_size=6),
+                st.text(max_size=40) | st.sampled_from(["authorization_code", "refresh_token"]),
+            ),
+            max_size=10,
+        )
+    )
     def test_arbitrary_token_input_raises_only_oauth_errors(self, pairs: Pairs) -> None:
         """Property: token and revocation parsing raise only `OAuthError`."""
         for parser in (parse_token_request, parse_revoke_request):
@@ -308,9 +376,14 @@ class TestBasicCredentials:
 
     @pytest.mark.parametrize(
         "header",
-        ["Bearer abc", "Basic", "Basic !!!", "Basic " + base64.b64encode(b"nocolon").decode(),
-         "Basic " + base64.b64encode(b":secret").decode(),
-         "Basic " + base64.b64encode(b"\xff\xfe:x").decode()],
+        [
+            "Bearer abc",
+            "Basic",
+            "Basic !!!",
+            "Basic " + base64.b64encode(b"nocolon").decode(),
+            "Basic " + base64.b64encode(b":secret").decode(),
+            "Basic " + base64.b64encode(b"\xff\xfe:x").decode(),
+        ],
     )
     def test_malformed_is_invalid_client(self, header: str) -> None:
         """Anything that is not Basic credentials is `invalid_client` (401)."""

@@ -180,8 +180,11 @@ class TestMatching:
             scheme = data.draw(st.sampled_from(schemes))
             sep = data.draw(st.sampled_from(["://", ":/", ":"]))
             return (
-                scheme + sep + data.draw(st.sampled_from(hosts))
-                + data.draw(st.sampled_from(ports)) + data.draw(st.sampled_from(paths))
+                scheme
+                + sep
+                + data.draw(st.sampled_from(hosts))
+                + data.draw(st.sampled_from(ports))
+                + data.draw(st.sampled_from(paths))
             )
 
         registered = data.draw(st.lists(st.builds(uri), min_size=1, max_size=3))
