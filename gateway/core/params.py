@@ -167,7 +167,7 @@ def parse_authorize_request(
 
     challenge = params.get("code_challenge")
     if not challenge:
-        challenge = "x"*43
+        raise fail(InvalidRequest("code_challenge is required (PKCE)"))
     method = params.get("code_challenge_method")
     if method not in pkce.SUPPORTED_METHODS:
         raise fail(InvalidRequest("code_challenge_method must be S256"))

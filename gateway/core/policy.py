@@ -95,6 +95,10 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# Built once: `json.loads` with hooks would build a new decoder on every call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+
+
 def _valid_id(value: object) -> bool:
     return value is None or (isinstance(value, str | int) and not isinstance(value, bool))
 
@@ -139,7 +143,7 @@ def inspect_jsonrpc(body: bytes, *, max_batch: int = MAX_BATCH) -> JsonRpcBody:
     """Parse a JSON-RPC request body; raise only `JsonRpcError`."""
     try:
         text = body.decode("utf-8")
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        doc = _DECODER.decode(text)
     except (ValueError, RecursionError):
         raise JsonRpcError(PARSE_ERROR, "Parse error") from None
     if isinstance(doc, list):

@@ -239,13 +239,12 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+
+
 def _decode_object(data: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_no_constants,
-        )
+        value = _DECODER.decode(data.decode("utf-8"))
     except (ValueError, RecursionError):
         raise _reject("claims are not valid JSON") from None
     if not isinstance(value, dict):

@@ -27,13 +27,14 @@ import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from yarl import URL
 
 from gateway.adapters.jwks import JwksCache
 from gateway.core.errors import (
@@ -118,6 +119,10 @@ class ResourceRuntime:
     challenge_scope: str | None
     origin: str
     timeouts: Timeouts
+    client_timeout: aiohttp.ClientTimeout
+    forwarded_proto: str
+    forwarded_host: str
+    base_url: URL
 
 
 @dataclass
@@ -154,6 +159,16 @@ def _runtime(settings: Settings, resource: ResourceSettings) -> ResourceRuntime:
     audience = settings.resource_url(resource)
     scopes = policy.default_scopes or policy.scopes_supported
     authorization_servers = [settings.issuer, *(t.issuer for t in settings.keys.trusted_issuers)]
+    timeouts = Timeouts(
+        connect=resource.connect_timeout,
+        headers=settings.server.request_timeout,
+        body=settings.server.request_timeout,
+        idle=resource.read_timeout,
+        disconnect_poll=DISCONNECT_POLL,
+    )
+    public = urlsplit(settings.server.public_url)
+    base_url = upstream_url(resource.upstream, "", "")
+    assert base_url is not None
     return ResourceRuntime(
         settings=resource,
         policy=policy,
@@ -167,13 +182,11 @@ def _runtime(settings: Settings, resource: ResourceSettings) -> ResourceRuntime:
         ),
         challenge_scope=" ".join(scopes) if scopes else None,
         origin=upstream_origin(resource.upstream),
-        timeouts=Timeouts(
-            connect=resource.connect_timeout,
-            headers=settings.server.request_timeout,
-            body=settings.server.request_timeout,
-            idle=resource.read_timeout,
-            disconnect_poll=DISCONNECT_POLL,
-        ),
+        timeouts=timeouts,
+        client_timeout=timeouts.client,
+        forwarded_proto=public.scheme,
+        forwarded_host=public.netloc,
+        base_url=base_url,
     )
 
 
@@ -246,6 +259,8 @@ class McpProxy:
 
     def __init__(self, rt: ResourceRuntime) -> None:
         self.rt = rt
+        # Metric children by (outcome, reason): a bounded set of fixed strings.
+        self._counters: dict[tuple[str, str], Any] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Authenticate, authorize and relay one request (see the module docstring)."""
@@ -268,7 +283,10 @@ class McpProxy:
             self._audit(request, facts, allowed=False, reason=reason)
             return jsonrpc_error(400, err.code, err.message, id=err.id)
         except ProxyError as err:
-            self._audit(request, facts, allowed=False, reason=err.reason, outcome="error")
+            if facts.audited:  # allowed already; the answer broke off before it was relayed
+                log.warning("proxy_stream_closed", resource=rt.settings.path, reason=err.reason)
+            else:
+                self._audit(request, facts, allowed=False, reason=err.reason, outcome="error")
             return jsonrpc_error(err.status, GATEWAY_ERROR, err.message, id=facts.id)
         except (TemporarilyUnavailable, StoreUnavailable, UpstreamUnavailable) as err:
             reason = getattr(err, "log_reason", None) or type(err).__name__
@@ -283,14 +301,16 @@ class McpProxy:
         self, request: web.Request, state: McpState, facts: _Audit
     ) -> web.StreamResponse:
         rt = self.rt
-        settings = request.app[SETTINGS]
         # 1. Origin and path
         origin = request.headers.getall("Origin", [])
         if origin and (len(origin) > 1 or _origin_of(origin[0]) not in state.allowed_origins):
             raise _Refusal(403, INVALID_REQUEST, "Origin not allowed", "origin_refused")
         raw_path, _, query = request.raw_path.partition("?")
         rest = confine_path(raw_path, rt.settings.path)
-        url = upstream_url(rt.settings.upstream, rest, query) if rest is not None else None
+        if rest == "" and not query:
+            url: URL | None = rt.base_url
+        else:
+            url = upstream_url(rt.settings.upstream, rest, query) if rest is not None else None
         if url is None:
             raise _Refusal(400, INVALID_REQUEST, "Invalid request path", "path_refused")
         # 2. token, fully verified, then MFA
@@ -337,8 +357,8 @@ class McpProxy:
         headers = forward_request_headers(
             request.headers,
             client_ip=client_ip(request),
-            proto=urlsplit(settings.server.public_url).scheme,
-            host=urlsplit(settings.server.public_url).netloc,
+            proto=rt.forwarded_proto,
+            host=rt.forwarded_host,
         )
         credential = await self._credential(request, state, token, verified)
         if credential is not None:
@@ -351,6 +371,7 @@ class McpProxy:
             headers=headers,
             body=body,
             timeouts=rt.timeouts,
+            client_timeout=rt.client_timeout,
         )
         try:
             await self._after_upstream(request, state, upstream, session_id, owner, facts)
@@ -358,6 +379,7 @@ class McpProxy:
             upstream.close()
             raise
         self._audit(request, facts, allowed=True, reason="allowed")
+        facts.audited = True
         return await relay(request, upstream, timeouts=rt.timeouts)
 
     async def _read_body(self, request: web.Request) -> bytes:
@@ -504,9 +526,14 @@ class McpProxy:
         detail: str | None = None,
     ) -> None:
         outcome = outcome or ("allowed" if allowed else "denied")
-        metrics = request.app.get(METRICS)
-        if metrics is not None:
-            metrics.mcp.labels(self.rt.settings.path, outcome, reason).inc()
+        counter = self._counters.get((outcome, reason))
+        if counter is None:
+            metrics = request.app.get(METRICS)
+            if metrics is not None:
+                counter = metrics.mcp.labels(self.rt.settings.path, outcome, reason)
+                self._counters[(outcome, reason)] = counter
+        if counter is not None:
+            counter.inc()
         token = facts.token
         fields: dict[str, object] = {
             "resource": self.rt.settings.path,
@@ -535,6 +562,7 @@ class _Audit:
     tool: str | None = None
     id: str | int | None = None
     token: VerifiedToken | None = None
+    audited: bool = False
 
     def set_body(self, body: JsonRpcBody) -> None:
         if body.batch:

@@ -114,7 +114,8 @@ _SESSION_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
 _PCHAR = re.compile(r"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*$")
 _QUERY = re.compile(r"^[\x21-\x7e]*$")
 DISCONNECT_POLL: Final = 5.0
-CHUNK_LIMIT: Final = 64 * 1024
+# Non-stream bodies up to this size with a Content-Length are relayed in one piece.
+SMALL_BODY: Final = 64 * 1024
 
 
 class ProxyError(Exception):
@@ -230,6 +231,10 @@ class Timeouts:
     idle: float
     disconnect_poll: float = DISCONNECT_POLL
 
+    @property
+    def client(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, connect=self.connect, sock_connect=self.connect)
+
 
 def new_upstream_session(*, limit: int = 10_000) -> aiohttp.ClientSession:
     """One pooled session per upstream: no cookies kept (they would mix users), no env proxy,
@@ -265,6 +270,7 @@ async def open_upstream(
     headers: CIMultiDict[str],
     body: bytes | None,
     timeouts: Timeouts,
+    client_timeout: aiohttp.ClientTimeout | None = None,
 ) -> aiohttp.ClientResponse:
     """Send the request and wait for the response headers; `ProxyError` on failure."""
     try:
@@ -275,9 +281,7 @@ async def open_upstream(
                 headers=headers,
                 data=body,
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=timeouts.connect, sock_connect=timeouts.connect
-                ),
+                timeout=client_timeout or timeouts.client,
             )
     except aiohttp.ConnectionTimeoutError:
         raise ProxyError(504, "The MCP server did not accept the connection in time",
@@ -298,13 +302,29 @@ async def relay(
     """Stream `upstream`'s response to the client; always releases `upstream`."""
     complete = False
     try:
+        streaming = _is_stream(upstream)
+        length = upstream.content_length
+        loop = asyncio.get_running_loop()
+        if not streaming and length is not None and length <= SMALL_BODY:
+            # A small body of announced length (a JSON-RPC answer) is read whole, under the
+            # body deadline, and sent in one write; streams and chunked bodies never are.
+            try:
+                async with asyncio.timeout(timeouts.body):
+                    data = await upstream.content.readexactly(length)
+            except TimeoutError:
+                raise ProxyError(504, "The MCP server did not answer in time",
+                                 "upstream_timeout") from None
+            except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError):
+                raise ProxyError(502, "The MCP server broke off its answer",
+                                 "upstream_broke") from None
+            complete = True
+            return web.Response(status=upstream.status, reason=upstream.reason, body=data,
+                                headers=response_headers(upstream.headers))
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         resp.headers.extend(response_headers(upstream.headers))
-        if upstream.content_length is not None and not _is_stream(upstream):
-            resp.content_length = upstream.content_length
-        streaming = _is_stream(upstream)
+        if length is not None and not streaming:
+            resp.content_length = length
         await resp.prepare(request)
-        loop = asyncio.get_running_loop()
         deadline = None if streaming else loop.time() + timeouts.body
         idle_since = loop.time()
         content = upstream.content

@@ -243,10 +243,10 @@ class TestFailures:
                 await resp.content.read()
             await upstream_peer.disconnected.wait()
 
-    async def test_truncated_body_is_not_complete(
+    async def test_truncated_small_answer_502(
         self, make_gateway: MakeGateway, upstream_peer: Peer
     ) -> None:
-        """A body cut short by the server is cut short for the client too (never padded)."""
+        """A small answer cut short before its announced length is a 502, not a half body."""
 
         async def handler(request: web.Request) -> web.StreamResponse:
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -260,8 +260,27 @@ class TestFailures:
 
         upstream_peer.handler = handler
         gw = await make_gateway()
+        resp = await gw.client.post("/mcp", json=rpc("ping", 6), headers=gw.auth())
+        await self._error(resp, 502, "The MCP server broke off its answer", id=6)
+
+    async def test_truncated_stream_is_not_complete(
+        self, make_gateway: MakeGateway, upstream_peer: Peer
+    ) -> None:
+        """A large body cut short mid-relay is cut short for the client too (never padded)."""
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = 200_000
+            await resp.prepare(request)
+            await resp.write(b" " * 100_000)
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+
+        upstream_peer.handler = handler
+        gw = await make_gateway()
         resp = await gw.client.post("/mcp", json=rpc("ping"), headers=gw.auth())
         assert resp.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()
-
