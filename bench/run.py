@@ -276,7 +276,8 @@ def idle_streams(args: argparse.Namespace, pid: int, port: int, headers: dict[st
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     pin(holder.pid, cpus)
-    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout is not None
+    assert holder.stdin is not None
     opened = json.loads(holder.stdout.readline())
     time.sleep(2.0)
     after = rss_kib(pid)

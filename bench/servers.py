@@ -29,7 +29,7 @@ _RESULT = {"content": [{"type": "text", "text": "ok"}], "isError": False}
 
 def raise_fd_limit() -> None:
     """Allow as many sockets as the hard limit permits (idle-stream test)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 

@@ -174,6 +174,11 @@ class RevocationSet:
             except Exception as exc:  # fail closed and retry; never let the follower die
                 log.error("store_unavailable", reason="revocation feed failed",
                           error=type(exc).__name__)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A client library turned our cancellation into an error (redis-py's pub/sub
+                # read can): honour it, or app shutdown would wait for this loop forever.
+                raise asyncio.CancelledError
             if self._went_current:
                 delay = self._retry_min
             await asyncio.sleep(delay)

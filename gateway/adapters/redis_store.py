@@ -768,9 +768,9 @@ class RedisStore:
             awaiting_pong = False
             checked_at = loop.time()
             while True:
-                message = await self._run_unbounded(
-                    pubsub.get_message(ignore_subscribe_messages=True, timeout=self._heartbeat)
-                )
+                # Subscribe-type messages are not ignored: with RESP3 redis-py mis-parses the
+                # PONG of a subscribed connection into one, and any reply proves the link live.
+                message = await self._run_unbounded(pubsub.get_message(timeout=self._heartbeat))
                 if loop.time() - checked_at >= self._heartbeat:
                     await self._check_feed_primary(pubsub)
                     checked_at = loop.time()

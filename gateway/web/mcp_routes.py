@@ -70,6 +70,7 @@ from gateway.web.proxy import (
     DISCONNECT_POLL,
     SESSION_HEADER,
     ProxyError,
+    StreamRegistry,
     Timeouts,
     confine_path,
     forward_request_headers,
@@ -137,6 +138,7 @@ class McpState:
     sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
     session_owners: dict[str, tuple[str, float]] = field(default_factory=dict)
     identity_tokens: dict[tuple[bytes, str], tuple[str, float]] = field(default_factory=dict)
+    streams: StreamRegistry = field(default_factory=StreamRegistry)
 
 
 MCP_STATE = web.AppKey("mcp_state", McpState)
@@ -164,7 +166,6 @@ def _runtime(settings: Settings, resource: ResourceSettings) -> ResourceRuntime:
         headers=settings.server.request_timeout,
         body=settings.server.request_timeout,
         idle=resource.read_timeout,
-        disconnect_poll=DISCONNECT_POLL,
     )
     public = urlsplit(settings.server.public_url)
     base_url = upstream_url(resource.upstream, "", "")
@@ -227,12 +228,14 @@ async def _mcp_context(app: web.Application) -> AsyncIterator[None]:
         if rt.origin not in state.sessions:
             state.sessions[rt.origin] = new_upstream_session()
     follower = asyncio.ensure_future(state.revocations.run())
+    sweeper = asyncio.ensure_future(state.streams.run(DISCONNECT_POLL))
     try:
         yield
     finally:
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
+        for task in (follower, sweeper):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for session in state.sessions.values():
             await session.close()
         if jwks_http is not None:
@@ -300,6 +303,16 @@ class McpProxy:
     async def _handle(
         self, request: web.Request, state: McpState, facts: _Audit
     ) -> web.StreamResponse:
+        # Everything up to the upstream's response headers happens in `_open`, so that its
+        # locals (token, forwarded headers, body) are gone while a long stream is relayed.
+        upstream = await self._open(request, state, facts)
+        self._audit(request, facts, allowed=True, reason="allowed")
+        facts.audited = True
+        return await relay(request, upstream, timeouts=self.rt.timeouts, streams=state.streams)
+
+    async def _open(
+        self, request: web.Request, state: McpState, facts: _Audit
+    ) -> aiohttp.ClientResponse:
         rt = self.rt
         # 1. Origin and path
         origin = request.headers.getall("Origin", [])
@@ -378,9 +391,7 @@ class McpProxy:
         except BaseException:
             upstream.close()
             raise
-        self._audit(request, facts, allowed=True, reason="allowed")
-        facts.audited = True
-        return await relay(request, upstream, timeouts=rt.timeouts)
+        return upstream
 
     async def _read_body(self, request: web.Request) -> bytes:
         ctype = request.headers.get("Content-Type", "")

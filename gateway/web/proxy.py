@@ -229,11 +229,13 @@ class Timeouts:
     headers: float
     body: float
     idle: float
-    disconnect_poll: float = DISCONNECT_POLL
 
     @property
     def client(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=None, connect=self.connect, sock_connect=self.connect)
+        """Connect time-outs, and `sock_read` = the longest silence allowed on a response."""
+        return aiohttp.ClientTimeout(
+            total=None, connect=self.connect, sock_connect=self.connect, sock_read=self.idle
+        )
 
 
 def new_upstream_session(*, limit: int = 10_000) -> aiohttp.ClientSession:
@@ -298,13 +300,13 @@ async def relay(
     upstream: aiohttp.ClientResponse,
     *,
     timeouts: Timeouts,
+    streams: StreamRegistry | None = None,
 ) -> web.StreamResponse:
-    """Stream `upstream`'s response to the client; always releases `upstream`."""
+    """Relay `upstream`'s response to the client; always releases `upstream`."""
     complete = False
     try:
         streaming = _is_stream(upstream)
         length = upstream.content_length
-        loop = asyncio.get_running_loop()
         if not streaming and length is not None and length <= SMALL_BODY:
             # A small body of announced length (a JSON-RPC answer) is read whole, under the
             # body deadline, and sent in one write; streams and chunked bodies never are.
@@ -325,38 +327,18 @@ async def relay(
         if length is not None and not streaming:
             resp.content_length = length
         await resp.prepare(request)
-        deadline = None if streaming else loop.time() + timeouts.body
-        idle_since = loop.time()
-        content = upstream.content
-        while True:
-            now = loop.time()
-            limit = min(timeouts.disconnect_poll, idle_since + timeouts.idle - now)
-            if deadline is not None:
-                limit = min(limit, deadline - now)
-            try:
-                async with asyncio.timeout(max(limit, 0.0)):
-                    chunk = await content.readany()
-            except TimeoutError:
-                now = loop.time()
-                if _client_gone(request):
-                    log.info("proxy_stream_closed", reason="client_gone")
-                    break
-                if now - idle_since >= timeouts.idle or (deadline is not None and now >= deadline):
-                    log.warning("proxy_stream_closed", reason="upstream_idle_timeout")
-                    break
-                continue
-            except (aiohttp.ClientError, OSError):
-                log.warning("proxy_stream_closed", reason="upstream_broke")
-                break
-            if not chunk:
-                complete = True
-                break
-            idle_since = loop.time()
-            try:
-                await resp.write(chunk)  # waits for the client to drain: back-pressure
-            except ConnectionResetError:
-                log.info("proxy_stream_closed", reason="client_gone")
-                break
+        # Streams have no deadline (idle silence is the client session's `sock_read`); a large
+        # or chunked ordinary body must arrive within the body deadline.
+        deadline = contextlib.nullcontext() if streaming else asyncio.timeout(timeouts.body)
+        entry = streams.add(request, upstream) if streams is not None else None
+        try:
+            async with deadline:
+                complete = await _pump(request, upstream.content, resp)
+        except TimeoutError:
+            log.warning("proxy_stream_closed", reason="upstream_body_timeout")
+        finally:
+            if streams is not None and entry is not None:
+                streams.discard(entry)
         if complete:
             await resp.write_eof()
         else:
@@ -370,6 +352,67 @@ async def relay(
             upstream.release()
         else:
             upstream.close()
+
+
+async def _pump(
+    request: web.Request, content: aiohttp.StreamReader, resp: web.StreamResponse
+) -> bool:
+    """Copy chunks as they arrive; True when the upstream body ended normally."""
+    while True:
+        try:
+            chunk = await content.readany()
+        except aiohttp.ServerTimeoutError:
+            log.warning("proxy_stream_closed", reason="upstream_idle_timeout")
+            return False
+        except (aiohttp.ClientError, OSError):
+            reason = "client_gone" if _client_gone(request) else "upstream_broke"
+            log.info("proxy_stream_closed", reason=reason)
+            return False
+        if not chunk:
+            return True
+        try:
+            await resp.write(chunk)  # waits for the client to drain: back-pressure
+        except ConnectionResetError:
+            log.info("proxy_stream_closed", reason="client_gone")
+            return False
+
+
+class StreamRegistry:
+    """The responses being relayed, so that one sweeper (not a timer per stream) can close the
+    upstream side of streams whose client has gone away.
+
+    Needed when the server runs without aiohttp's handler cancellation; with it, a vanished
+    client cancels the handler at once and the relay closes its upstream in `finally`.
+    """
+
+    def __init__(self) -> None:
+        self._active: dict[int, tuple[web.Request, aiohttp.ClientResponse]] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def add(self, request: web.Request, upstream: aiohttp.ClientResponse) -> int:
+        self._next += 1
+        self._active[self._next] = (request, upstream)
+        return self._next
+
+    def discard(self, entry: int) -> None:
+        self._active.pop(entry, None)
+
+    def sweep(self) -> int:
+        """Close the upstream of every stream whose client is gone; how many were closed."""
+        gone = [(k, up) for k, (req, up) in self._active.items() if _client_gone(req)]
+        for key, upstream in gone:
+            self._active.pop(key, None)
+            upstream.close()  # wakes the relay's pending read with an error
+        return len(gone)
+
+    async def run(self, interval: float) -> None:
+        """Sweep every `interval` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep()
 
 
 def upstream_origin(url: str) -> str:

@@ -8,6 +8,9 @@ streamable HTTP transport and yields a connected `mcp.Client` (its ``.session`` 
 `ClientSession`). The SDK does everything else itself: the 401, RFC 9728/8414 discovery,
 dynamic registration, PKCE, ``resource``, the token request and the retried MCP request.
 
+`redirect_handler=`/`callback_handler=` replace the scripted browser with another one (the
+Chromium suite drives a real browser and listens on a loopback port like a native client).
+
 `plain_mcp_client(url)` is the same client without OAuth, and `totp_code` computes the code an
 authenticator app would show for a known secret.
 """
@@ -15,7 +18,7 @@ authenticator app would show for a known secret.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -87,7 +90,7 @@ class OAuthMcpConnection:
 
     client: Client
     storage: InMemoryTokenStorage
-    bridge: BrowserBridge
+    bridge: BrowserBridge | None
     provider: OAuthClientProvider
 
     @property
@@ -116,28 +119,38 @@ def client_metadata(
 async def oauth_mcp_client(
     url: str,
     *,
-    useragent: UserAgent,
+    useragent: UserAgent | None = None,
     answers: Mapping[str, Answer] | None = None,
     metadata: OAuthClientMetadata | None = None,
     storage: InMemoryTokenStorage | None = None,
     mode: str = "auto",
     read_timeout: float = 30.0,
+    redirect_handler: Callable[[str], Awaitable[None]] | None = None,
+    callback_handler: Callable[[], Awaitable[AuthorizationCodeResult]] | None = None,
 ) -> AsyncIterator[OAuthMcpConnection]:
-    """Connect the SDK client to `url`, authorizing through `useragent` when challenged.
+    """Connect the SDK client to `url`, authorizing through `useragent` when challenged (or
+    through the given `redirect_handler`/`callback_handler` pair, with `metadata`).
 
     `mode` is the SDK's: ``"auto"`` (2026-07-28 ``server/discover``, falling back to
     ``initialize``) or ``"legacy"`` (the ``initialize`` handshake with a session id).
     """
     store = storage if storage is not None else InMemoryTokenStorage()
-    bridge = BrowserBridge(useragent, dict(answers or {}))
+    bridge: BrowserBridge | None = None
+    if redirect_handler is None or callback_handler is None:
+        if useragent is None or redirect_handler is not None or callback_handler is not None:
+            raise TypeError("give a useragent, or both redirect_handler and callback_handler")
+        bridge = BrowserBridge(useragent, dict(answers or {}))
+        redirect_handler, callback_handler = bridge.redirect_handler, bridge.callback_handler
+    if metadata is None:
+        if useragent is None:
+            raise TypeError("metadata (with the redirect URI) is needed without a useragent")
+        metadata = client_metadata(useragent.redirect_uri)
     provider = OAuthClientProvider(
         server_url=url,
-        client_metadata=metadata
-        if metadata is not None
-        else client_metadata(useragent.redirect_uri),
+        client_metadata=metadata,
         storage=store,
-        redirect_handler=bridge.redirect_handler,
-        callback_handler=bridge.callback_handler,
+        redirect_handler=redirect_handler,
+        callback_handler=callback_handler,
     )
     async with httpx2.AsyncClient(auth=provider, timeout=HTTP_TIMEOUT) as http:
         transport = streamable_http_client(url, http_client=http)

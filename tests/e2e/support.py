@@ -116,6 +116,8 @@ async def token_request(
 ) -> httpx.Response:
     """POST the form to `/oauth/token` (optionally with HTTP Basic client credentials)."""
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http:
+        if auth is None:
+            return await http.post(base_url + "/oauth/token", data=dict(form))
         return await http.post(base_url + "/oauth/token", data=dict(form), auth=auth)
 
 

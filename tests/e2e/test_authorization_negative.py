@@ -145,7 +145,8 @@ async def _to_callback(ua: UserAgent, url: str, gw: RunningGateway) -> str:
         return (page.location or "").startswith(gw.url + "/oauth/callback?")
 
     outcome = await ua.run(url, stop=at_callback)
-    assert outcome.page is not None and outcome.page.location is not None, outcome
+    assert outcome.page is not None, outcome
+    assert outcome.page.location is not None, outcome.page
     return outcome.page.location
 
 
@@ -189,9 +190,15 @@ async def _tokens(
 
 async def _proxy_status(gw: RunningGateway, access_token: str) -> httpx.Response:
     return await mcp_post(
-        gw.resource_url(), rpc("initialize", protocolVersion=HANDSHAKE, capabilities={},
-                               clientInfo={"name": "e2e", "version": "1"}),
-        token=access_token, protocol=HANDSHAKE,
+        gw.resource_url(),
+        rpc(
+            "initialize",
+            protocolVersion=HANDSHAKE,
+            capabilities={},
+            clientInfo={"name": "e2e", "version": "1"},
+        ),
+        token=access_token,
+        protocol=HANDSHAKE,
     )
 
 
@@ -422,7 +429,10 @@ async def test_code_with_a_wrong_pkce_verifier_is_invalid_grant(
     response, _pkce = await _authorized(gw, legacy_idp, client_id, "niaj")
     assert response.code is not None
     resp = await redeem(
-        gw.url, code=response.code, pkce=new_pkce(), client_id=client_id,
+        gw.url,
+        code=response.code,
+        pkce=new_pkce(),
+        client_id=client_id,
         resource=gw.resource_url(),
     )
     _assert_invalid_grant(resp)

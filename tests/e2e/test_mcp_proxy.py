@@ -17,6 +17,7 @@ wants a step-up younger than 2 s for ``transfer_funds``. Each test signs in its 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ import pytest
 import pytest_asyncio
 from mcp.shared.exceptions import MCPError
 
+from gateway.logs import configure_logging, reset_logging
 from tests.e2e.mcp_oauth import DEFAULT_REDIRECT_URI, OAuthMcpConnection, oauth_mcp_client
 from tests.e2e.support import (
     HANDSHAKE,
@@ -170,10 +172,10 @@ async def test_tools_list_and_call_with_progress_streamed_while_the_call_runs(
     mark = server.mark()
     user = {"/mcp": "carol", "/stateful": "dave"}[path]
     loop = asyncio.get_running_loop()
-    progress: list[tuple[float, float]] = []
+    seen: list[tuple[float, float]] = []
 
-    async def on_progress(done: float, total: float | None, message: str | None) -> None:
-        progress.append((done, loop.time()))
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, loop.time()))
 
     async with connect(stack, path, user, mode=mode) as conn:
         assert conn.client.protocol_version == version
@@ -185,14 +187,18 @@ async def test_tools_list_and_call_with_progress_streamed_while_the_call_runs(
         finished = loop.time()
 
     assert {t.name for t in tools.tools} == {
-        "echo", "whoami", "count", "delete_everything", "transfer_funds",
+        "echo",
+        "whoami",
+        "count",
+        "delete_everything",
+        "transfer_funds",
     }
     assert echoed.is_error is False
     assert echoed.structured_content == {"result": f"hello over {version}"}
     assert counted.structured_content == {"result": "counted to 3"}
-    assert [p for p, _ in progress] == [1.0, 2.0, 3.0]
+    assert [p for p, _ in seen] == [1.0, 2.0, 3.0]
     # The first notification arrived two delays (0.8 s) before the result: it was streamed.
-    assert finished - progress[0][1] >= 0.6
+    assert finished - seen[0][1] >= 0.6
 
     assert server.tool_runs(since=mark) == ["echo", "count"]
     http = server.records("http", since=mark)
@@ -220,7 +226,7 @@ async def test_denied_tool_is_refused_and_never_reaches_the_server(
 ) -> None:
     """`delete_everything` is denied by a `[[mcp.rules]]` deny rule: the SDK call fails, a raw
     call gets 403 with the gateway's JSON-RPC policy error, and the MCP server never received
-    the request nor ran the tool (DESIGN §4.4, invariant 7)."""
+    the request nor ran the tool (DESIGN §4.4, R25: every request is checked, invariant 7)."""
     server = stack.server(path)
     user = {"/mcp": "erin", "/stateful": "frank"}[path]
     since = server.mark()
@@ -228,11 +234,15 @@ async def test_denied_tool_is_refused_and_never_reaches_the_server(
         session = await _session_id(conn, server, since)
         assert (session is not None) == (version == HANDSHAKE)
         mark = server.mark()
-        with pytest.raises(MCPError):
+        with pytest.raises(MCPError) as refused:
             await conn.client.call_tool("delete_everything", {})
+        assert refused.value.error.code == POLICY_DENIED
         raw = await mcp_post(
-            stack.gw.resource_url(path), tool_call("delete_everything", id=7),
-            token=_access_token(conn), protocol=version, session_id=session,
+            stack.gw.resource_url(path),
+            tool_call("delete_everything", id=7),
+            token=_access_token(conn),
+            protocol=version,
+            session_id=session,
         )
         after_denials = server.mark()
         allowed = await conn.client.call_tool("echo", {"text": "still connected"})
@@ -269,15 +279,18 @@ async def test_tool_needing_a_recent_step_up_gets_the_rfc9470_challenge_once_it_
         auth_times = []
         for conn, _ in conns.values():
             fresh = await conn.client.call_tool("transfer_funds", {"amount": 12.5})
-            assert fresh.structured_content == {"result": "transferred 12.50 (not really: this is a demo)"}
+            assert fresh.structured_content is not None
+            assert fresh.structured_content["result"].startswith("transferred 12.50")
             auth_times.append(unverified(_access_token(conn))[1]["auth_time"])
 
         await sleep_until(max(auth_times) + MAX_AUTH_AGE + 0.1)
         stale = {}
         for path, (conn, version) in conns.items():
             stale[path] = await mcp_post(
-                stack.gw.resource_url(path), tool_call("transfer_funds", amount=99),
-                token=_access_token(conn), protocol=version,
+                stack.gw.resource_url(path),
+                tool_call("transfer_funds", amount=99),
+                token=_access_token(conn),
+                protocol=version,
                 session_id=sessions[path],
             )
 
@@ -310,13 +323,19 @@ async def test_session_id_of_one_user_is_refused_for_another(stack: Stack) -> No
             assert bob_session != alice_session
             before = server.mark()
             hijack = await mcp_post(
-                stack.gw.resource_url("/stateful"), tool_call("echo", id=3, text="bob was here"),
-                token=_access_token(bob), protocol=HANDSHAKE, session_id=alice_session,
+                stack.gw.resource_url("/stateful"),
+                tool_call("echo", id=3, text="bob was here"),
+                token=_access_token(bob),
+                protocol=HANDSHAKE,
+                session_id=alice_session,
             )
             after = server.mark()
             own = await mcp_post(
-                stack.gw.resource_url("/stateful"), tool_call("echo", id=4, text="alice"),
-                token=_access_token(alice), protocol=HANDSHAKE, session_id=alice_session,
+                stack.gw.resource_url("/stateful"),
+                tool_call("echo", id=4, text="alice"),
+                token=_access_token(alice),
+                protocol=HANDSHAKE,
+                session_id=alice_session,
             )
 
     assert hijack.status_code == 404
@@ -352,15 +371,17 @@ async def test_forward_token_upstream_sends_an_upstream_token_the_server_introsp
     received = {a for a in server.authorizations(since=mark)}
     assert len(received) == 1
     forwarded = received.pop()
-    assert forwarded is not None and forwarded.startswith("Bearer ")
+    assert forwarded is not None
+    assert forwarded.startswith("Bearer ")
     upstream_token = forwarded.removeprefix("Bearer ")
     assert upstream_token != client_token
     assert client_id is not None
 
     direct = await mcp_post(server.url, rpc("tools/list"), token=client_token)
     assert direct.status_code == 401
-    smuggled = await mcp_post(stack.gw.resource_url("/upstream"), rpc("tools/list"),
-                              token=upstream_token)
+    smuggled = await mcp_post(
+        stack.gw.resource_url("/upstream"), rpc("tools/list"), token=upstream_token
+    )
     assert smuggled.status_code == 401
     assert challenge_params(smuggled.headers["www-authenticate"])["error"] == "invalid_token"
 
@@ -379,7 +400,8 @@ async def test_forward_token_identity_sends_a_gateway_signed_identity_jwt(stack:
     assert info is not None
     assert result.structured_content is not None
     authorization = result.structured_content["authorization"]
-    assert isinstance(authorization, str) and authorization.startswith("Bearer ")
+    assert isinstance(authorization, str)
+    assert authorization.startswith("Bearer ")
     identity = authorization.removeprefix("Bearer ")
     assert identity != client_token
     assert {a for a in server.authorizations(since=mark)} <= {authorization}
@@ -403,7 +425,58 @@ async def test_forward_token_identity_sends_a_gateway_signed_identity_jwt(stack:
     assert {"pwd", "otp", "mfa"} <= set(claims["amr"])
     assert claims["exp"] - claims["iat"] == 60
 
-    smuggled = await mcp_post(stack.gw.resource_url("/identity"), rpc("tools/list"),
-                              token=identity)
+    smuggled = await mcp_post(stack.gw.resource_url("/identity"), rpc("tools/list"), token=identity)
     assert smuggled.status_code == 401
     assert challenge_params(smuggled.headers["www-authenticate"])["error"] == "invalid_token"
+
+
+# --------------------------------------------------------------------------- streams
+
+
+async def test_client_hanging_up_after_its_answer_is_not_logged_as_an_error(stack: Stack) -> None:
+    """An SDK client reads the JSON-RPC answer from the SSE stream and closes the connection
+    without waiting for the end of the chunked body (the SDK does this on every call). That is
+    a client going away, not a gateway failure: no `unhandled_error`, nothing at level error
+    (DESIGN §4.5, §6; R32 streams, R35 generic errors). Repeated, because which side finishes
+    first is a race."""
+    buf = io.StringIO()
+    async with connect(stack, "/stateful", "olivia", mode="legacy") as conn:
+        session = await _session_id(conn, stack.stateful, 0)
+        assert session is not None
+        headers = {
+            "Authorization": f"Bearer {_access_token(conn)}",
+            "Mcp-Session-Id": session,
+            "MCP-Protocol-Version": HANDSHAKE,
+            "Accept": "application/json, text/event-stream",
+        }
+        configure_logging("info", "json", buf)
+        try:
+            for i in range(30):
+                async with (
+                    httpx.AsyncClient(timeout=10) as http,
+                    http.stream(
+                        "POST",
+                        stack.gw.resource_url("/stateful"),
+                        json=tool_call("echo", id=100 + i, text="hang up"),
+                        headers=headers,
+                    ) as resp,
+                ):
+                    assert resp.status_code == 200
+                    assert resp.headers["content-type"].startswith("text/event-stream")
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data:"):
+                            assert json.loads(line[5:])["id"] == 100 + i
+                            break  # hang up as soon as the answer is in
+            await asyncio.sleep(0.2)  # let the gateway finish the last relays
+        finally:
+            reset_logging()
+    events = [json.loads(line) for line in buf.getvalue().splitlines()]
+    finished = [e for e in events if e["event"] == "request_finished"]
+    assert len([e for e in events if e["event"] == "mcp_allowed"]) == 30
+    errors = [
+        (e["event"], [x.get("exc_type") for x in e.get("exception", [])])
+        for e in events
+        if e["level"] in ("error", "critical") or e["event"] == "unhandled_error"
+    ]
+    assert errors == []
+    assert finished

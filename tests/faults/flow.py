@@ -18,7 +18,7 @@ import itertools
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -28,10 +28,32 @@ from tests.e2e.mcp_oauth import DEFAULT_REDIRECT_URI, totp_code
 from tests.e2e.useragent import Answer, AuthorizationResponse, Page, UserAgent
 from tests.fixtures.peers import LegacyIdp
 
+_UA = TypeVar("_UA", bound=UserAgent)
+
 # A fixed base32 seed (160 bits) so the tests compute what an authenticator app shows.
 ALICE_SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 HTTP_TIMEOUT = 15.0
 MCP_ACCEPT = "application/json, text/event-stream"
+# What a browser sends on a navigation: the gateway answers such requests with HTML pages.
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+def legacy_upstream(idp: LegacyIdp) -> dict[str, Any]:
+    """The `[upstream]` table for the session's legacy provider."""
+    return {
+        "issuer": idp.issuer,
+        "client_id": idp.client_id,
+        "client_secret": idp.client_secret,
+        "token_endpoint_auth_method": "client_secret_basic",
+        "allow_insecure_http_loopback": True,
+        "timeout": "5s",
+    }
+
+
+def browser(ua: _UA) -> _UA:
+    """`ua` sending a browser's `Accept` header (navigations get HTML, not JSON)."""
+    ua.client.headers["Accept"] = BROWSER_ACCEPT
+    return ua
 
 
 class TotpDevice:
@@ -225,6 +247,7 @@ class RoutedUserAgent(UserAgent):
         cycle = itertools.cycle(backends)
         self.route = route or (lambda method, path: next(cycle))
         self.routes: list[tuple[str, str, str]] = []
+        self.pinned: str | None = None  # when set, every request goes to this backend
 
     async def request(
         self,
@@ -235,11 +258,22 @@ class RoutedUserAgent(UserAgent):
     ) -> Page:
         parts = urlsplit(url)
         if _origin(url) in self.origins:
-            backend = self.route(method, parts.path)
+            backend = self.pinned or self.route(method, parts.path)
             target = urlsplit(backend)
             url = urlunsplit((target.scheme, target.netloc, parts.path, parts.query, ""))
             self.routes.append((method, parts.path, backend))
         return await super().request(method, url, data=data)
+
+
+    async def submit_via(self, backend: str, page: Page, code: str) -> Page:
+        """Post `page`'s form with `code` typed in, through `backend`."""
+        form = page.form()
+        assert form is not None, "no form on the page"
+        self.pinned = backend
+        try:
+            return await self.request("POST", form.action, data=self.fill(form, {"code": code}))
+        finally:
+            self.pinned = None
 
 
 def _origin(url: str) -> str:

@@ -120,6 +120,13 @@ class GatewayLauncher:
         peer.start(READY, timeout=STARTUP_TIMEOUT)
         gw = GatewayProcess(name, config_path, settings.server.bind_port, peer)
         self.started.append(gw)
+        # The proxy fails closed until its revocation feed is proven live: wait for that too.
+        deadline = time.monotonic() + FEED_TIMEOUT
+        while not gw.events("revocation_feed_current"):
+            if time.monotonic() > deadline or not gw.alive:
+                pytest.fail(f"{name}: the revocation feed never became current:\n"
+                            + peer.log_tail())
+            time.sleep(0.02)
         return gw
 
     def stop_all(self) -> None:

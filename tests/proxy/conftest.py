@@ -137,7 +137,7 @@ class Gateway:
         amr: Any = ("pwd", "otp", "mfa"),
         auth_time: float | None = None,
         ttl: float = 600,
-        gid: str = "grant-1",
+        gid: str | None = "grant-1",
         client_id: str = "client-1",
         **extra: Any,
     ) -> str:
@@ -146,8 +146,10 @@ class Gateway:
         claims = build_access_claims(
             issuer=self.settings.issuer, sub=sub, audience=audience, client_id=client_id,
             scope=scope, auth_time=now - 60 if auth_time is None else auth_time,
-            amr=["x"], acr="urn:mfa-gateway:totp", gid=gid, now=now, ttl=ttl,
+            amr=["x"], acr="urn:mfa-gateway:totp", gid=gid or "", now=now, ttl=ttl,
         )
+        if gid is None:
+            del claims["gid"]
         claims["amr"] = list(amr) if isinstance(amr, tuple) else amr
         claims.update(extra)
         return mint_access_token(claims, self.keys.active)

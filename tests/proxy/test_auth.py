@@ -7,11 +7,14 @@ import base64
 import json
 from typing import Any
 
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from gateway.adapters.memory_store import MemoryStore
 from gateway.clock import FixedClock, SystemClock
-from gateway.core.errors import StoreUnavailable
+from gateway.core.errors import InvalidToken, StoreUnavailable
 from gateway.core.tokens import ALLOWED_ALGS
-from gateway.web.bearer import BearerAuth
+from gateway.web.bearer import BearerAuth, extract_bearer
 from tests.proxy.conftest import (
     PRM,
     MakeGateway,
@@ -285,3 +288,21 @@ class TestTokenCache:
         assert resp.status == 401
         assert resp.headers["WWW-Authenticate"] == challenge(
             *INVALID, prm=PRM.removesuffix("/mcp") + "/other")
+
+
+class TestExtractBearer:
+    @pytest.mark.parametrize(
+        "value", ["Bearer a b", "Bearer ", "Bearer \u00e9t\u00e9", "Bearer a\tb", "Bearer =abc"]
+    )
+    def test_malformed_values(self, value: str) -> None:
+        """A Bearer credential that is not a b64token is invalid_token (RFC 6750 §2.1)."""
+        headers = CIMultiDictProxy(CIMultiDict({"Authorization": value}))
+        with pytest.raises(InvalidToken) as info:
+            extract_bearer(headers, {})
+        assert info.value.log_reason == "malformed bearer value"
+
+    def test_scheme_case_insensitive(self) -> None:
+        """`bearer` and `BEARER` name the same scheme."""
+        for scheme in ("bearer", "BEARER"):
+            headers = CIMultiDictProxy(CIMultiDict({"Authorization": f"{scheme} abc.def-_~+/"}))
+            assert extract_bearer(headers, {}) == "abc.def-_~+/"

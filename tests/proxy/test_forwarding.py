@@ -15,6 +15,7 @@ from gateway.adapters.upstream_oidc import UpstreamClient
 from gateway.flows.upstream_tokens import store_tokens
 from gateway.ports import UpstreamTokens
 from gateway.web.appkeys import CLOCK, HTTP, SEALER, SETTINGS
+from gateway.web.proxy import upstream_url
 from gateway.web.stepup_handlers import UPSTREAM
 from tests.proxy.conftest import MakeGateway, Peer, challenge, rpc, tool_call
 
@@ -164,6 +165,18 @@ class TestForwardToken:
         assert resp.status == 200
         assert upstream_peer.last().headers["Authorization"] == "Bearer upstream-at-123"
 
+    async def test_upstream_mode_needs_a_grant(
+        self, make_gateway: MakeGateway, upstream_peer: Peer
+    ) -> None:
+        """A token without a grant id (e.g. a trusted issuer's) cannot use upstream mode."""
+        gw = await self._upstream_gateway(make_gateway, upstream_peer)
+        resp = await gw.client.post("/mcp", json=rpc("ping"),
+                                    headers=gw.auth(gw.token(gid=None)))
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"] == challenge(
+            "invalid_token", "The access token is invalid")
+        assert upstream_peer.seen == []
+
     async def test_upstream_token_unavailable(
         self, make_gateway: MakeGateway, upstream_peer: Peer
     ) -> None:
@@ -177,6 +190,24 @@ class TestForwardToken:
         assert upstream_peer.seen == []
 
 
+class TestCookiesNeverShared:
+    async def test_upstream_cookies_not_kept(
+        self, make_gateway: MakeGateway, upstream_peer: Peer
+    ) -> None:
+        """A cookie the MCP server sets for one user is never sent back for another."""
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            resp = web.json_response({"jsonrpc": "2.0", "id": 1, "result": {}})
+            resp.set_cookie("srv_session", "alice-secret")
+            return resp
+
+        upstream_peer.handler = handler
+        gw = await make_gateway()
+        await gw.client.post("/mcp", json=rpc("ping"), headers=gw.auth(gw.token(sub="alice")))
+        await gw.client.post("/mcp", json=rpc("ping"), headers=gw.auth(gw.token(sub="bob")))
+        assert "Cookie" not in upstream_peer.last().headers
+
+
 class TestOrigin:
     async def test_foreign_origin_refused(
         self, make_gateway: MakeGateway, upstream_peer: Peer
@@ -188,6 +219,17 @@ class TestOrigin:
                                         headers=gw.auth(Origin=origin))
             assert resp.status == 403, origin
             assert (await resp.json())["error"]["message"] == "Origin not allowed"
+        assert upstream_peer.seen == []
+
+    async def test_repeated_origin_refused(
+        self, make_gateway: MakeGateway, upstream_peer: Peer
+    ) -> None:
+        """Two Origin headers (one allowed) are refused: no guessing which one counts."""
+        gw = await make_gateway()
+        headers = [*gw.auth().items(), ("Origin", "http://127.0.0.1:8080"),
+                   ("Origin", "http://evil.example")]
+        resp = await gw.client.post("/mcp", data=json.dumps(rpc("ping")), headers=headers)
+        assert resp.status == 403
         assert upstream_peer.seen == []
 
     async def test_allowed_origins(self, make_gateway: MakeGateway) -> None:
@@ -224,6 +266,14 @@ class TestPaths:
         assert status == 400
         assert raw.endswith(b'"error": {"code": -32600, "message": "Invalid request path"}}')
         assert upstream_peer.seen == []
+
+    @pytest.mark.parametrize("query", ["q=\u00e9", "q=a b", "q=\x7f", "q=\n"])
+    def test_query_must_be_visible_ascii(self, query: str) -> None:
+        """The proxy never builds an upstream URL from a query with raw non-visible bytes
+        (aiohttp's parser refuses most of them first; this is the second line)."""
+        assert upstream_url("http://127.0.0.1:9/mcp", "", query) is None
+        assert str(upstream_url("http://127.0.0.1:9/mcp", "/a", "q=%C3%A9")) == (
+            "http://127.0.0.1:9/mcp/a?q=%C3%A9")
 
     async def test_prefix_is_a_segment(self, make_gateway: MakeGateway) -> None:
         """`/mcpx` is not below `/mcp`."""

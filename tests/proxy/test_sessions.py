@@ -125,3 +125,28 @@ class TestSessionBinding:
         resp = await gw.client.post("/mcp", json=rpc("initialize", 0), headers=gw.auth())
         assert resp.status == 502
         assert "Mcp-Session-Id" not in resp.headers
+
+    async def test_repeated_session_header_400(
+        self, make_gateway: MakeGateway, upstream_peer: Peer
+    ) -> None:
+        """Two Mcp-Session-Id headers are refused."""
+        _session_server(upstream_peer)
+        gw = await make_gateway()
+        sid = await _initialize(gw)
+        headers = [*gw.auth().items(), ("Mcp-Session-Id", sid), ("Mcp-Session-Id", "other")]
+        resp = await gw.client.post("/mcp", data=json.dumps(rpc("ping")), headers=headers)
+        assert resp.status == 400
+        assert upstream_peer.last().headers.get("Mcp-Session-Id") is None
+
+    async def test_server_reusing_anothers_session_id_502(
+        self, make_gateway: MakeGateway, upstream_peer: Peer
+    ) -> None:
+        """If the server hands out an id already bound to another subject, the gateway does
+        not give it to this one."""
+        _session_server(upstream_peer, session_id="shared-id")
+        gw = await make_gateway()
+        await gw.store.bind_session("shared-id", "http://127.0.0.1:8080#bob", 60)
+        resp = await gw.client.post("/mcp", json=rpc("initialize", 0), headers=gw.auth())
+        assert resp.status == 502
+        assert "Mcp-Session-Id" not in resp.headers
+        assert await gw.store.session_owner("shared-id") == "http://127.0.0.1:8080#bob"

@@ -137,8 +137,8 @@ class TestDisconnect:
         self, upstream_peer: Peer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         chatty: bool,
     ) -> None:
-        """Served without aiohttp's handler cancellation, the relay still notices: by polling
-        a silent stream, by the failed write of a chatty one."""
+        """Served without aiohttp's handler cancellation, the relay still notices: the stream
+        sweeper for a silent stream, the failed write for a chatty one."""
         monkeypatch.setattr(mcp_routes, "DISCONNECT_POLL", 0.1 if not chatty else 60)
         if chatty:
             async def handler(request: web.Request) -> web.StreamResponse:
@@ -241,6 +241,30 @@ class TestFailures:
             assert await resp.content.readuntil(b"\n\n") == b"data: 1\n\n"
             with pytest.raises(aiohttp.ClientPayloadError):
                 await resp.content.read()
+            await upstream_peer.disconnected.wait()
+
+    async def test_large_body_deadline(
+        self, make_gateway: MakeGateway, upstream_peer: Peer
+    ) -> None:
+        """A large ordinary body that stalls is cut at the request time-out, not the idle one."""
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = 200_000
+            await resp.prepare(request)
+            await resp.write(b" " * 100_000)
+            await asyncio.sleep(30)
+            return resp
+
+        upstream_peer.handler = handler
+        gw = await make_gateway(server={"request_timeout": "400ms"})
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        resp = await gw.client.post("/mcp", json=rpc("ping"), headers=gw.auth())
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+        assert loop.time() - start < 3
+        async with asyncio.timeout(5):
             await upstream_peer.disconnected.wait()
 
     async def test_truncated_small_answer_502(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,12 @@ from aiohttp.test_utils import TestServer
 
 from gateway.adapters.jwks import JwksCache
 from gateway.core.errors import UpstreamUnavailable
-from gateway.core.tokens import SigningKey, build_access_claims, mint_access_token
+from gateway.core.tokens import (
+    ALLOWED_ALGS,
+    SigningKey,
+    build_access_claims,
+    mint_access_token,
+)
 from gateway.keys import generate_private_key_pem, load_private_key_pem
 from gateway.settings import TrustedIssuerSettings
 from tests.proxy.conftest import Gateway, MakeGateway, Peer, challenge, rpc
@@ -36,10 +42,11 @@ class Idp:
     stall: bool = False
 
     def jwks(self) -> dict[str, Any]:
-        from gateway.keys import KeyRing
-
-        ring = KeyRing(self.url, self.keys, self.keys[0].kid)
-        return ring.jwks()
+        keys = []
+        for k in self.keys:
+            jwk = json.loads(ALLOWED_ALGS[k.alg].to_jwk(k.private_key.public_key()))
+            keys.append({**jwk, "kid": k.kid, "alg": k.alg, "use": "sig"})
+        return {"keys": keys}
 
 
 @pytest.fixture
@@ -187,6 +194,15 @@ class TestJwksCache:
             cache = JwksCache([self._config(idp)], http, max_bytes=64)
             with pytest.raises(UpstreamUnavailable):
                 await cache.ensure(idp.url, "t1", 1000.0)
+
+    async def test_duplicate_kid_unusable(self, idp: Idp) -> None:
+        """Two keys under one kid in a JWKS: neither is used (no guessing)."""
+        idp.keys = [_key("dup"), _key("dup"), _key("ok")]
+        async with aiohttp.ClientSession() as http:
+            cache = JwksCache([self._config(idp)], http)
+            await cache.ensure(idp.url, "dup", 1000.0)
+            assert cache.get(idp.url, "dup", 1000.0) is None
+            assert cache.get(idp.url, "ok", 1000.0) is not None
 
     def test_plain_http_only_on_loopback(self) -> None:
         """A jwks_uri must be https (plain http only on loopback)."""

@@ -44,6 +44,12 @@ HTTP_TIMEOUT = 15.0
 ALL_USERS: tuple[str, ...] = (*TEST_ACCOUNTS, *E2E_USERS)
 JSON_RPC_ACCEPT = "application/json, text/event-stream"
 MODERN = "2026-07-28"
+HANDSHAKE = "2025-11-25"
+# The per-request envelope a 2026-07-28 client puts in every request's params.
+MODERN_META: Mapping[str, Any] = {
+    "io.modelcontextprotocol/protocolVersion": MODERN,
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
 
 # The headers DESIGN §7.5 / R13 / R14 demand on every interactive page.
 PAGE_HEADERS: Mapping[str, str] = {
@@ -449,27 +455,33 @@ class Target:
         headers: Mapping[str, str] | None = None,
         method: str = "POST",
         body: bytes | None = None,
-        target: str | None = None,
+        url: str | None = None,
+        protocol: str = MODERN,
     ) -> httpx.Response:
-        """One request to an MCP path with the headers of a 2026-07-28 client."""
-        message = message if message is not None else rpc("tools/list")
+        """One request to an MCP path as an SDK client of `protocol` sends it (2026-07-28:
+        `Mcp-Method`/`Mcp-Name` headers and the `_meta` envelope); `headers` are added last
+        (an empty value removes a header)."""
+        msg = dict(message if message is not None else rpc("tools/list"))
         sent: dict[str, str] = {
             "Accept": JSON_RPC_ACCEPT,
             "Content-Type": "application/json",
-            "MCP-Protocol-Version": MODERN,
-            "Mcp-Method": str(message.get("method", "")),
+            "MCP-Protocol-Version": protocol,
         }
-        params = message.get("params")
-        if message.get("method") == "tools/call" and isinstance(params, Mapping):
-            sent["Mcp-Name"] = str(params.get("name", ""))
+        if protocol == MODERN:
+            params = dict(msg.get("params") or {})
+            params.setdefault("_meta", dict(MODERN_META))
+            msg["params"] = params
+            sent["Mcp-Method"] = str(msg.get("method", ""))
+            if msg.get("method") == "tools/call":
+                sent["Mcp-Name"] = str(params.get("name", ""))
         if token is not None:
             sent["Authorization"] = f"Bearer {token}"
         sent.update(headers or {})
-        content = body if body is not None else _json_bytes(message)
+        content = body if body is not None else _json_bytes(msg)
         async with http_client() as http:
             return await http.request(
                 method,
-                target or self.url + path,
+                url or self.url + path,
                 content=content if method == "POST" else None,
                 headers={k: v for k, v in sent.items() if v != ""},
             )

@@ -1,5 +1,5 @@
-"""The `store` fixture of the contract suite: every test runs on MemoryStore, on a real Redis and
-on a real three-node Redis Cluster.
+"""The `store` fixture of the contract suite: every test runs on MemoryStore, on a real Redis, on
+a real three-node Redis Cluster, and through a real Sentinel to a primary with a replica.
 
 `timeline` hides the one difference: the memory store's clock is a `FixedClock` that tests move
 instantly, while Redis expires keys by its own clock, so there the test really sleeps (TTLs in the
@@ -37,16 +37,23 @@ def clock() -> FixedClock:
         "memory",
         pytest.param("redis", marks=pytest.mark.redis),
         pytest.param("cluster", marks=pytest.mark.redis),
+        pytest.param("sentinel", marks=pytest.mark.redis),
     ]
 )
 def store(request: pytest.FixtureRequest, clock: FixedClock) -> Store:
-    """The store under test: MemoryStore on a FixedClock, or RedisStore on the real server or
-    on the real cluster."""
+    """The store under test: MemoryStore on a FixedClock, or RedisStore on the real server, on
+    the real cluster, or through a real Sentinel (every write waiting for the replica)."""
     if request.param == "memory":
         return MemoryStore(clock)
-    fixture = "redis_store" if request.param == "redis" else "redis_cluster_store"
-    redis_store: Store = request.getfixturevalue(fixture)
+    redis_store: Store = request.getfixturevalue(_REDIS_FIXTURES[request.param])
     return redis_store
+
+
+_REDIS_FIXTURES = {
+    "redis": "redis_store",
+    "cluster": "redis_cluster_store",
+    "sentinel": "redis_sentinel_store",
+}
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from gateway.adapters.memory_store import MemoryStore
 from gateway.adapters.redis_store import RedisStore
 from gateway.clock import FixedClock, SystemClock
 from gateway.crypto import generate_encryption_key
-from gateway.settings import Settings, load_settings
+from gateway.settings import ConfigError, Settings, load_settings
 
 
 def write_config(folder: Path, store_url: str, key_prefix: str = "mfagw:") -> Settings:
@@ -74,12 +75,43 @@ async def test_redis_url_gives_redis_store(tmp_path: Path, redis_url: str) -> No
 
 
 @pytest.mark.parametrize(
-    "url", ["rediss://127.0.0.1:6380/0", "unix:///run/redis.sock", "redis+sentinel://h:1/svc"]
+    "url",
+    [
+        "rediss://127.0.0.1:6380/0",
+        "unix:///run/redis.sock",
+        "redis+sentinel://h:1/svc",
+        "redis+cluster://h1:7000,h2:7001/",
+    ],
 )
 async def test_other_redis_schemes_give_redis_store(tmp_path: Path, url: str) -> None:
-    """TLS, unix socket and Sentinel URLs all open a RedisStore (without connecting yet)."""
+    """TLS, unix socket, Sentinel and Cluster URLs all open a RedisStore (without connecting
+    yet)."""
     store = open_store(write_config(tmp_path, url), SystemClock())
     try:
         assert isinstance(store, RedisStore)
     finally:
         await store.close()
+
+
+@pytest.mark.redis
+async def test_cluster_url_gives_working_store(tmp_path: Path, redis_cluster: Any) -> None:
+    """A validated `redis+cluster://` configuration opens a store on the real cluster."""
+    settings = write_config(tmp_path, redis_cluster.url, key_prefix="factory-c:")
+    store = open_store(settings, SystemClock())
+    try:
+        assert isinstance(store, RedisStore)
+        await store.ping()
+        await store.put_code("h", {"a": 1}, 5.0)
+        assert await store.take_code("h") == {"a": 1}
+    finally:
+        await store.close()
+
+
+def test_unknown_scheme_refused_without_echoing_the_url(tmp_path: Path) -> None:
+    """An unsupported store URL is a configuration problem that names the scheme but never
+    repeats the URL, which may carry a password (R35)."""
+    with pytest.raises(ConfigError) as caught:
+        write_config(tmp_path, "mongodb://gw:hunter2secret@db.example:27017/")
+    problems = caught.value.problems
+    assert any("store.url" in p and "'mongodb'" in p for p in problems), problems
+    assert "hunter2secret" not in str(caught.value)

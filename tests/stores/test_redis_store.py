@@ -196,6 +196,27 @@ class TestFailClosed:
             private_server.resume()
             await store.close()
 
+    async def test_idle_feed_survives_heartbeats(self, redis_url: str) -> None:
+        """An idle feed answers many heartbeat PINGs without breaking, then still delivers (a
+        false 'stopped answering' would make every replica resubscribe needlessly)."""
+        store = RedisStore.from_url(
+            redis_url, clock=SystemClock(), key_prefix="idle-t:", heartbeat=0.1
+        )
+        exp = time.time() + LONG  # noqa: TID251
+        feed = store.watch_revocations()
+        try:
+            await store.revoke_jti("marker", exp)
+            assert await anext(feed) == ("marker", exp)
+            waiting = asyncio.ensure_future(anext(feed))
+            await asyncio.sleep(0.6)  # six heartbeats
+            assert not waiting.done()
+            await store.revoke_jti("later", exp)
+            assert await asyncio.wait_for(waiting, 5) == ("later", exp)
+        finally:
+            await feed.aclose()  # type: ignore[attr-defined]
+            await store.close()
+            await delete_prefix(redis_url, "idle-t:")
+
     async def test_corrupt_value_is_unavailable(
         self, redis_store: RedisStore, raw: aioredis.Redis
     ) -> None:
@@ -366,10 +387,19 @@ class TestUrls:
                 "redis+sentinel://gw:pw@h:1/svc",
                 SentinelTarget((("h", 1),), "svc", 0, "gw", "pw"),
             ),
+            (
+                "redis+sentinel://h:1/svc/2?replica_acks=0",
+                SentinelTarget((("h", 1),), "svc", 2, replica_acks=0),
+            ),
+            (
+                "redis+sentinel://h:1/svc?replica_acks=3",
+                SentinelTarget((("h", 1),), "svc", 0, replica_acks=3),
+            ),
         ],
     )
     def test_sentinel_url_parsing(self, url: str, expected: SentinelTarget) -> None:
-        """Sentinel URLs: several hosts, default port 26379, IPv6, credentials, db."""
+        """Sentinel URLs: several hosts, default port 26379, IPv6, credentials, db, and how
+        many replicas must acknowledge each write (default 1)."""
         assert parse_sentinel_url(url) == expected
 
     @pytest.mark.parametrize(
@@ -382,6 +412,12 @@ class TestUrls:
             "redis+sentinel://h:99999/svc",
             "redis+sentinel://h:1,/svc",
             "redis+sentinel://h:1/svc?password=x",
+            "redis+sentinel://h:1/svc?replica_acks",
+            "redis+sentinel://h:1/svc?replica_acks=-1",
+            "redis+sentinel://h:1/svc?replica_acks=17",
+            "redis+sentinel://h:1/svc?replica_acks=1&replica_acks=0",
+            "redis+sentinel://h:1/svc?replica_acks=1&x=2",
+            "redis+sentinel://h:1/svc#frag",
             "redis://h:1/0",
         ],
     )
