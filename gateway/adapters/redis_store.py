@@ -10,7 +10,10 @@ bounds every operation (connect, socket reads, and the whole call). URLs:
   `StoreUnavailable`, and the store asks Sentinel again and drops its connections if the primary
   changed. Without that, a primary that Sentinel has just deposed keeps accepting writes (~10 s,
   until Sentinel reconfigures it) that are then thrown away: a code or TOTP step "used" there
-  would be usable again on the new primary. `replica_acks=0` turns this off. Reads are not
+  would be usable again on the new primary. Only N = the number of replicas makes every
+  acknowledged write survive any promotion (Sentinel may promote a replica that had not
+  acknowledged); the price is that writes stay unavailable after a failover until the old
+  primary has rejoined as a replica. `replica_acks=0` turns the wait off. Reads are not
   checked: until this store's next write, reads may still reach a deposed primary.
 - `redis+cluster://[[user]:password@]host:port[,host:port...]/`: a Redis Cluster (the listed
   nodes are only the start-up nodes; the client learns the slot map and follows MOVED/ASK

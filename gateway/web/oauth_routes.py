@@ -42,7 +42,13 @@ from gateway.core.metadata import (
     authorization_server_metadata,
     metadata_paths,
 )
-from gateway.core.params import form_pairs, parse_revoke_request, parse_token_request
+from gateway.core.params import (
+    TokenRequest,
+    form_pairs,
+    parse_basic_credentials,
+    parse_revoke_request,
+    parse_token_request,
+)
 from gateway.core.redirects import is_loopback_redirect, redirect_host
 from gateway.crypto import token_hash
 from gateway.flows.authorize import (
@@ -367,6 +373,7 @@ async def token(request: web.Request) -> web.Response:
     now = app[CLOCK].now()
     store = app[STORE]
     authorization = request.headers.get("Authorization")
+    req: TokenRequest | None = None
     try:
         req = parse_token_request(await _form(request))
         auth = await authenticate_client(
@@ -378,6 +385,17 @@ async def token(request: web.Request) -> web.Response:
             fetcher=_fetcher(app),
             now=now,
         )
+    except OAuthError as err:
+        # The grant flows audit their own refusals; a request refused before them (malformed,
+        # or a failed client authentication) is audited here (R35: ASVS 16.3.1, 16.3.2).
+        log.info(
+            "token_rejected",
+            client_id=_claimed_client_id(req, authorization),
+            reason=err.log_reason,
+            error=err.error,
+        )
+        return oauth_json_error(err, basic_auth_used=authorization is not None)
+    try:
         sealer = app[SEALER]
 
         async def upstream_refresh(gid: str) -> None:
@@ -395,6 +413,16 @@ async def token(request: web.Request) -> web.Response:
     except OAuthError as err:
         return oauth_json_error(err, basic_auth_used=authorization is not None)
     return web.json_response(body, headers=_NO_STORE)
+
+
+def _claimed_client_id(req: TokenRequest | None, authorization: str | None) -> str | None:
+    """The client id a refused token request claimed, for the audit log only."""
+    if authorization is not None:
+        try:
+            return parse_basic_credentials(authorization)[0]
+        except OAuthError:
+            return None
+    return req.client_id if req is not None else None
 
 
 async def revoke(request: web.Request) -> web.Response:

@@ -116,7 +116,7 @@ bodies = st.one_of(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(doc=bodies, style=st.sampled_from(["compact", "ascii", "indent"]))
 def test_message_shaped_documents_parse_only_into_what_policy_relies_on(
     doc: Any, style: str
@@ -137,7 +137,7 @@ def test_message_shaped_documents_parse_only_into_what_policy_relies_on(
         assert item.get("jsonrpc") == "2.0"
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(
     doc=messages(),
     version=st.one_of(st.none(), st.sampled_from(["2025-11-25", "2026-07-28", "x"]), hostile_text),

@@ -22,8 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from redis.exceptions import ResponseError
 from gateway.adapters.redis_store import RedisStore
 from gateway.clock import SystemClock
 from gateway.core.errors import StoreUnavailable
-from tests.fixtures.redis_server import RedisServerProcess
+from tests.fixtures.redis_server import SentinelGroup
 
 pytestmark = pytest.mark.redis
 
@@ -44,19 +43,6 @@ LONG = 600.0
 CODES = 2000
 TAKERS = 4
 PREFIX = "fo:"
-
-
-@dataclass
-class Replicated:
-    """A primary, its replica, and a Sentinel watching them (all real processes)."""
-
-    primary: RedisServerProcess
-    replica: RedisServerProcess
-    sentinel: RedisServerProcess
-
-    @property
-    def url(self) -> str:
-        return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/{SERVICE}"
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: str) -> float:
@@ -80,54 +66,15 @@ async def primary_port(sentinel_port: int) -> int:
 
 
 @pytest.fixture
-async def replicated(tmp_path: Path) -> AsyncIterator[Replicated]:
-    """Start primary, replica (in sync) and Sentinel (knowing the replica); stop them after."""
-    for name in ("primary", "replica", "sentinel"):
-        (tmp_path / name).mkdir()
-    primary = RedisServerProcess(tmp_path / "primary")
-    primary.start()
-    replica = RedisServerProcess(tmp_path / "replica", replica_of=primary.port)
-    sentinel = RedisServerProcess(tmp_path / "sentinel", sentinel_for=(SERVICE, primary.port))
-    raw_primary = aioredis.Redis(port=0, decode_responses=True)
-    raw_replica = aioredis.Redis(port=0, decode_responses=True)
-    raw_sentinel = aioredis.Redis(port=0, decode_responses=True)
+def replicated(tmp_path: Path) -> Iterator[SentinelGroup]:
+    """A primary, its replica (acknowledging writes) and a Sentinel that knows the replica and
+    declares the primary down after 1 s; stopped after the test."""
+    group = SentinelGroup(tmp_path, SERVICE, down_after_ms=1000)
     try:
-        replica.start()
-        raw_replica = aioredis.Redis(port=replica.port, decode_responses=True)
-
-        raw_primary = aioredis.Redis(port=primary.port, decode_responses=True)
-
-        async def in_sync() -> bool:
-            """The replica acknowledges a write (it may report its link up a moment before the
-            primary streams to it)."""
-            if (await raw_replica.info("replication")).get("master_link_status") != "up":
-                return False
-            await raw_primary.set("fixture:sync", "1")
-            return bool(await raw_primary.wait(1, 100) == 1)
-
-        await eventually(in_sync, 10, "the replica to sync")
-        sentinel.start()
-        raw_sentinel = aioredis.Redis(port=sentinel.port, decode_responses=True)
-
-        async def knows_replica() -> bool:
-            replicas = await raw_sentinel.sentinel_slaves(SERVICE)
-            return any(
-                r.get("port") == replica.port
-                and r.get("master-link-status") == "ok"
-                and not r.get("is_sdown")
-                and not r.get("is_disconnected")
-                for r in replicas
-            )
-
-        await eventually(knows_replica, 10, "Sentinel to know the replica")
-        yield Replicated(primary, replica, sentinel)
+        group.start()
+        yield group
     finally:
-        await raw_primary.aclose()
-        await raw_replica.aclose()
-        await raw_sentinel.aclose()
-        sentinel.stop()
-        replica.stop()
-        primary.stop()
+        group.stop()
 
 
 async def quicken_sentinel(sentinel_port: int) -> None:
@@ -170,7 +117,7 @@ async def feed_break_time(feed: AsyncIterator[tuple[str, float]]) -> float:
 
 
 @pytest.mark.timeout(30)
-async def test_failover_keeps_one_time_operations_one_time(replicated: Replicated) -> None:
+async def test_failover_keeps_one_time_operations_one_time(replicated: SentinelGroup) -> None:
     """Under load through `SENTINEL FAILOVER`: in-flight takes fail only with StoreUnavailable,
     no code is handed out twice or wrongly reported used, the feed breaks within seconds, and
     the same store object works again on the new primary (DESIGN §7.8; R16, R17, R22)."""
@@ -287,7 +234,7 @@ async def test_failover_keeps_one_time_operations_one_time(replicated: Replicate
 
 
 @pytest.mark.timeout(30)
-async def test_deposed_primary_is_left_behind(replicated: Replicated) -> None:
+async def test_deposed_primary_is_left_behind(replicated: SentinelGroup) -> None:
     """Right after a failover the deposed primary still runs as a writable primary (Sentinel
     reconfigures it only seconds later). A store's next write is not acknowledged there, so the
     store re-asks Sentinel and drops its connections: its reads then reach the new primary. A

@@ -8,6 +8,7 @@ to log in: every refusal happens before the upstream hop, which is itself the po
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -491,3 +492,132 @@ class TestPages:
         assert "location" not in resp.headers
         assert target.idp.issuer not in resp.headers.get("location", "")
         assert 'name="decision" value="approve"' in resp.text
+
+
+class TestDiscovery:
+    @pytest.mark.parametrize(
+        "path", ["/.well-known/oauth-authorization-server", "/.well-known/openid-configuration"]
+    )
+    async def test_metadata_offers_only_code_with_s256(self, target: Target, path: str) -> None:
+        """R4, R9, R11: the authorization server metadata offers only `code`, the query
+        response mode, PKCE S256 and the two grants, and announces `iss` in responses."""
+        resp = await get(target.url + path)
+        assert resp.status_code == 200
+        meta = resp.json()
+        assert meta["issuer"] == target.url
+        assert meta["response_types_supported"] == ["code"]
+        assert meta["response_modes_supported"] == ["query"]
+        assert meta["code_challenge_methods_supported"] == ["S256"]
+        assert meta["grant_types_supported"] == ["authorization_code", "refresh_token"]
+        assert meta["authorization_response_iss_parameter_supported"] is True
+        assert not any(k.startswith("request") and k.endswith("supported") and meta[k]
+                       for k in meta if k.startswith("request_"))
+
+    async def test_jwks_publishes_no_private_material(self, target: Target) -> None:
+        """R28: the published keys are public keys with one `alg` each (no `d`, no secret)."""
+        resp = await get(target.url + "/oauth/jwks.json")
+        keys = resp.json()["keys"]
+        assert keys
+        for key in keys:
+            assert not {"d", "p", "q", "dp", "dq", "qi", "k"} & set(key)
+            assert key["alg"] in ("ES256", "EdDSA")
+            assert key["use"] == "sig"
+
+    async def test_protected_resource_metadata_names_the_gateway(self, target: Target) -> None:
+        """R1, R2: each resource's PRM names exactly that resource and the gateway first."""
+        for path in ("/mcp", "/mcp-b"):
+            doc = (await get(target.prm(path))).json()
+            assert doc["resource"] == target.resource(path)
+            assert doc["authorization_servers"][0] == target.url
+            assert doc["bearer_methods_supported"] == ["header"]
+
+
+class TestRegistration:
+    async def register_raw(self, target: Target, body: object) -> httpx.Response:
+        async with http_client() as http:
+            return await http.post(target.url + "/oauth/register", json=body)
+
+    @pytest.mark.parametrize(
+        "uri",
+        [
+            "http://evil.example/cb",
+            "http://localhost.evil.com/cb",
+            "http://127.0.0.1.evil.com/cb",
+            "javascript:alert(1)",
+            "data:text/html,<script>alert(1)</script>",
+            "file:///etc/passwd",
+            "https://client.example/cb#fragment",
+            "https://user@client.example/cb",
+            "https://client.example\\@evil.example/cb",
+            "https://client%2eexample/cb",
+            "https://CLIENT.example/cb",
+            "myapp:/callback",
+            "/relative/cb",
+            "",
+        ],
+    )
+    async def test_unsafe_redirect_uris_cannot_be_registered(
+        self, target: Target, uri: str
+    ) -> None:
+        """R23, R36: only https, loopback http and policy-listed custom schemes, without
+        fragment, userinfo or a host that needs decoding → else `invalid_redirect_uri`."""
+        resp = await self.register_raw(target, {"redirect_uris": [uri],
+                                                "token_endpoint_auth_method": "none"})
+        assert resp.status_code == 400
+        assert resp.json()["error"] == "invalid_redirect_uri"
+        assert resp.headers["cache-control"] == "no-store"
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            ["not", "an", "object"],
+            {"redirect_uris": [REDIRECT_URI], "token_endpoint_auth_method": "private_key_jwt"},
+            {"redirect_uris": [REDIRECT_URI], "grant_types": ["implicit"]},
+            {"redirect_uris": [REDIRECT_URI], "grant_types": ["authorization_code", "password"]},
+            {"redirect_uris": [REDIRECT_URI], "response_types": ["token"]},
+            {"redirect_uris": [REDIRECT_URI], "response_types": ["code", "id_token"]},
+        ],
+    )
+    async def test_unsafe_client_metadata_is_refused(self, target: Target, body: object) -> None:
+        """R23, R9: no implicit or password grant, no token response type, no client
+        authentication method the gateway does not implement → `invalid_client_metadata`."""
+        resp = await self.register_raw(target, body)
+        assert resp.status_code == 400
+        assert resp.json()["error"] == "invalid_client_metadata"
+
+    async def test_public_clients_get_no_secret_and_confidential_ones_get_one_once(
+        self, target: Target
+    ) -> None:
+        """RFC 7591: a public client has no secret; a confidential one gets its secret in the
+        201 response only (`no-store`)."""
+        public = await self.register_raw(target, {"redirect_uris": [REDIRECT_URI],
+                                                  "token_endpoint_auth_method": "none"})
+        confidential = await self.register_raw(
+            target, {"redirect_uris": [HTTPS_REDIRECT],
+                     "token_endpoint_auth_method": "client_secret_basic"})
+        assert public.status_code == confidential.status_code == 201
+        assert "client_secret" not in public.json()
+        assert len(confidential.json()["client_secret"]) >= 43
+        assert confidential.headers["cache-control"] == "no-store"
+
+
+async def test_registration_is_rate_limited_per_ip(
+    tmp_path: Path, legacy_idp: LegacyIdp, gateway_ports: tuple[int, int], mcp_server: McpServer
+) -> None:
+    """R23 (abuse of open registration): past `registrations_per_ip_per_hour`, even valid
+    registrations get 429 `slow_down` with `Retry-After`; invalid ones count too."""
+    async with serve_target(
+        tmp_path / "rate", idp=legacy_idp, port=gateway_ports[1],
+        resources=[{"path": "/mcp", "upstream": mcp_server.url}],
+        policy={"registration": {"registrations_per_ip_per_hour": 2}},
+    ) as limited:
+        async with http_client() as http:
+            statuses = []
+            for body in ({"redirect_uris": ["http://evil.example/cb"]},
+                         {"redirect_uris": [REDIRECT_URI], "token_endpoint_auth_method": "none"},
+                         {"redirect_uris": [REDIRECT_URI], "token_endpoint_auth_method": "none"}):
+                resp = await http.post(limited.url + "/oauth/register", json=body)
+                statuses.append(resp.status_code)
+    assert statuses == [400, 201, 429]
+    assert resp.json()["error"] == "slow_down"
+    assert resp.headers["retry-after"] == "3600"
