@@ -95,11 +95,10 @@ def _configure_logs(settings: Settings, *, stream: Any = None, cache: bool = Fal
 
 
 def _store_location(settings: Settings) -> str:
-    """The store URL without credentials, for messages."""
+    """The store URL without credentials, for messages (also several `host:port`s: Sentinel,
+    Cluster)."""
     parts = urlsplit(settings.store.url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 def _write_private(path: Path, data: bytes, *, exclusive: bool) -> None:
