@@ -247,7 +247,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     db = 0
     if len(segments) == 2:
         if not segments[1].isdigit():
-            raise ValueError(f"db must be a number, got {segments[1]!r}")
+            raise ValueError("the db after the service name must be a number")
         db = int(segments[1])
     return SentinelTarget(hosts, unquote(segments[0]), db, username, password, acks)
 
@@ -276,24 +276,29 @@ def _netloc(
         user, colon, secret = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(secret) if colon else None
-    hosts = tuple(_host_port(entry, default_port, what) for entry in hostlist.split(","))
+    hosts = tuple(
+        _host_port(entry, default_port, what, i)
+        for i, entry in enumerate(hostlist.split(","), start=1)
+    )
     return hosts, username, password
 
 
-def _host_port(entry: str, default_port: int, what: str) -> tuple[str, int]:
+def _host_port(entry: str, default_port: int, what: str, index: int) -> tuple[str, int]:
+    """One `host[:port]` or `[v6]:port`; errors never repeat the text (a malformed URL may have
+    put part of a password here)."""
     if entry.startswith("["):
         host, bracket, rest = entry[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad {what} address {entry!r}")
+            raise ValueError(f"bad {what} address (number {index}): expected host:port")
         port_text = rest[1:]
     else:
         host, _, port_text = entry.partition(":")
     if not host:
-        raise ValueError(f"bad {what} address {entry!r}")
+        raise ValueError(f"bad {what} address (number {index}): expected host:port")
     if not port_text:
         return host, default_port
     if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad {what} port in {entry!r}")
+        raise ValueError(f"bad {what} port (address number {index})")
     return host, int(port_text)
 
 
@@ -771,9 +776,11 @@ class RedisStore:
             awaiting_pong = False
             checked_at = loop.time()
             while True:
-                # Subscribe-type messages are not ignored: with RESP3 redis-py mis-parses the
-                # PONG of a subscribed connection into one, and any reply proves the link live.
-                message = await self._run_unbounded(pubsub.get_message(timeout=self._heartbeat))
+                # After a heartbeat PING the answer is due within the store time-out. Subscribe-
+                # type messages are not ignored: with RESP3 redis-py mis-parses the PONG of a
+                # subscribed connection into one, and any reply proves the link live.
+                wait = self._timeout if awaiting_pong else self._heartbeat
+                message = await self._run_unbounded(pubsub.get_message(timeout=wait))
                 if loop.time() - checked_at >= self._heartbeat:
                     await self._check_feed_primary(pubsub)
                     checked_at = loop.time()

@@ -326,7 +326,11 @@ async def relay(
         resp.headers.extend(response_headers(upstream.headers))
         if length is not None and not streaming:
             resp.content_length = length
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except ConnectionResetError:
+            log.info("proxy_stream_closed", reason="client_gone")
+            return resp  # aiohttp finishes (and forgets) a response to a vanished client
         # Streams have no deadline (idle silence is the client session's `sock_read`); a large
         # or chunked ordinary body must arrive within the body deadline.
         deadline = contextlib.nullcontext() if streaming else asyncio.timeout(timeouts.body)
@@ -340,7 +344,10 @@ async def relay(
             if streams is not None and entry is not None:
                 streams.discard(entry)
         if complete:
-            await resp.write_eof()
+            try:
+                await resp.write_eof()
+            except ConnectionResetError:
+                log.info("proxy_stream_closed", reason="client_gone")
         else:
             # A stream cut short must not look complete to the client.
             with contextlib.suppress(Exception):

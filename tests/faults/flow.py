@@ -1,4 +1,4 @@
-"""The whole authorization flow against gateway processes, step by step, for fault and replica tests.
+"""The whole authorization flow against gateway processes, for fault and replica tests.
 
 A public client registers (RFC 7591), the scripted user agent (`tests.e2e.useragent`) runs
 authorize → consent → upstream login → TOTP, the client redeems the code at `/oauth/token`.
@@ -95,7 +95,8 @@ class TotpDevice:
 
     async def ready(self, count: int = 1) -> None:
         """Wait until `count` more codes can be used without waiting in between."""
-        while self._next_step() + count - 1 > self._current() + self.window:
+        # Waiting for wall-clock time to pass, not for another task: nothing to signal.
+        while self._next_step() + count - 1 > self._current() + self.window:  # noqa: ASYNC110
             await asyncio.sleep(0.2)
 
 
@@ -263,7 +264,6 @@ class RoutedUserAgent(UserAgent):
             url = urlunsplit((target.scheme, target.netloc, parts.path, parts.query, ""))
             self.routes.append((method, parts.path, backend))
         return await super().request(method, url, data=data)
-
 
     async def submit_via(self, backend: str, page: Page, code: str) -> Page:
         """Post `page`'s form with `code` typed in, through `backend`."""

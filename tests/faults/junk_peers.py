@@ -109,8 +109,9 @@ class TinyIdp:
         app.router.add_get("/authorize", self._authorize)
         app.router.add_post("/token", self._token)
         app.router.add_get("/jwks", self._jwks)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                     shutdown_timeout=0.2)
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=0.2
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -215,7 +216,6 @@ class TinyIdp:
         return web.json_response({"keys": [jwk]})
 
 
-
 def _other_key() -> ec.EllipticCurvePrivateKey:
     """A key the provider never published (an ID token signed with it is forged)."""
     return ec.generate_private_key(ec.SECP256R1())
@@ -228,12 +228,15 @@ async def _junk_or(
     if mode == "ok":
         return web.json_response(good())
     if mode == "html":
-        return web.Response(text=f"<html><body>{JUNK_MARKER}</body></html>",
-                            content_type="text/html")
+        return web.Response(
+            text=f"<html><body>{JUNK_MARKER}</body></html>", content_type="text/html"
+        )
     if mode == "array":
         return web.json_response([JUNK_MARKER])
     if mode == "truncated":
-        return web.Response(text='{"access_token": "' + JUNK_MARKER, content_type="application/json")
+        return web.Response(
+            text='{"access_token": "' + JUNK_MARKER, content_type="application/json"
+        )
     if mode == "status_500":
         return web.Response(status=500, text=JUNK_MARKER)
     if mode == "wrong_issuer":
@@ -245,8 +248,9 @@ async def _junk_or(
         assert isinstance(doc, dict)
         return web.json_response({k: v for k, v in doc.items() if k != "id_token"})
     if mode == "error_json":
-        return web.json_response({"error": "invalid_grant",
-                                  "error_description": JUNK_MARKER}, status=400)
+        return web.json_response(
+            {"error": "invalid_grant", "error_description": JUNK_MARKER}, status=400
+        )
     if mode == "drop":
         assert request.transport is not None
         request.transport.abort()
@@ -372,12 +376,11 @@ def peer_loop() -> Iterator[PeerLoop]:
         loop.close()
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll `predicate` until true; the seconds it took (fails the test after `timeout`)."""
+async def wait_for(predicate: Callable[[], bool], within: float, what: str) -> float:
+    """Poll `predicate` until true; the seconds it took (fails the test after `within`)."""
     start = time.monotonic()
     while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"{what}: not after {timeout}s")
+        if time.monotonic() - start > within:
+            pytest.fail(f"{what}: not after {within}s")
         await asyncio.sleep(0.02)
     return time.monotonic() - start
-

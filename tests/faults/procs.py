@@ -84,18 +84,16 @@ class GatewayProcess:
         return out
 
     async def wait_event(
-        self, event: str, *, count: int = 1, timeout: float = FEED_TIMEOUT, **match: object
+        self, event: str, *, count: int = 1, within: float = FEED_TIMEOUT, **match: object
     ) -> dict[str, Any]:
         """Wait until the log holds `count` lines of `event` (with `match` fields); the last."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while True:
-            found = [
-                e for e in self.events(event) if all(e.get(k) == v for k, v in match.items())
-            ]
+            found = [e for e in self.events(event) if all(e.get(k) == v for k, v in match.items())]
             if len(found) >= count:
                 return found[count - 1]
             if time.monotonic() > deadline:
-                pytest.fail(f"{self.name}: no {count}x {event} {match} after {timeout}s")
+                pytest.fail(f"{self.name}: no {count}x {event} {match} after {within}s")
             await asyncio.sleep(0.05)
 
     def stop(self) -> None:
@@ -114,9 +112,7 @@ class GatewayLauncher:
         name = name or f"gateway-{len(self.started)}"
         settings = load_settings(config_path)
         argv = [sys.executable, "-m", "gateway", "run", "--config", str(config_path)]
-        peer = PeerProcess(
-            name, argv, self.log_dir / f"{name}.log", env={"PYTHONUNBUFFERED": "1"}
-        )
+        peer = PeerProcess(name, argv, self.log_dir / f"{name}.log", env={"PYTHONUNBUFFERED": "1"})
         peer.start(READY, timeout=STARTUP_TIMEOUT)
         gw = GatewayProcess(name, config_path, settings.server.bind_port, peer)
         self.started.append(gw)
@@ -124,8 +120,9 @@ class GatewayLauncher:
         deadline = time.monotonic() + FEED_TIMEOUT
         while not gw.events("revocation_feed_current"):
             if time.monotonic() > deadline or not gw.alive:
-                pytest.fail(f"{name}: the revocation feed never became current:\n"
-                            + peer.log_tail())
+                pytest.fail(
+                    f"{name}: the revocation feed never became current:\n" + peer.log_tail()
+                )
             time.sleep(0.02)
         return gw
 
@@ -236,9 +233,9 @@ def mint_token(
     return mint_access_token(claims, keys.active)
 
 
-async def wait_ready(url: str, *, timeout: float = 15.0, status: int = 200) -> dict[str, Any]:
+async def wait_ready(url: str, *, within: float = 15.0, status: int = 200) -> dict[str, Any]:
     """Poll `/readyz` until it answers `status`; its JSON body."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     last: object = None
     async with httpx.AsyncClient(timeout=2.0) as http:
         while time.monotonic() < deadline:
@@ -251,7 +248,7 @@ async def wait_ready(url: str, *, timeout: float = 15.0, status: int = 200) -> d
             except httpx.HTTPError as exc:
                 last = type(exc).__name__
             await asyncio.sleep(0.1)
-    pytest.fail(f"{url}/readyz did not answer {status} within {timeout}s (last: {last})")
+    pytest.fail(f"{url}/readyz did not answer {status} within {within}s (last: {last})")
 
 
 async def enroll(config_path: Path, user: str, secret: str) -> None:

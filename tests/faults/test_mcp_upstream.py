@@ -32,7 +32,6 @@ __all__ = ["peer_loop"]
 
 REQUEST_TIMEOUT = 2.0
 READ_TIMEOUT = 1.0
-BODY_NO_STORE = "no-store"
 
 
 @dataclass
@@ -48,9 +47,7 @@ class McpFaults:
 
 
 @pytest.fixture(scope="module")
-def faults(
-    tmp_path_factory: pytest.TempPathFactory, peer_loop: PeerLoop
-) -> Iterator[McpFaults]:
+def faults(tmp_path_factory: pytest.TempPathFactory, peer_loop: PeerLoop) -> Iterator[McpFaults]:
     """The gateway process and the raw peer behind its resources."""
     peer = RawMcpPeer().start(peer_loop)
     directory = tmp_path_factory.mktemp("mcp-faults")
@@ -78,12 +75,13 @@ def faults(
         peer.stop()
 
 
-def _gateway_error(status: int, message: str, id: int | None = 1) -> dict[str, object]:
+def _gateway_error(message: str, id: int | None = 1) -> dict[str, object]:
+    """The JSON-RPC error body of a gateway-side failure (code -32603)."""
     return {"jsonrpc": "2.0", "id": id, "error": {"code": -32603, "message": message}}
 
 
 async def test_a_healthy_server_is_reached(faults: McpFaults) -> None:
-    """Control: the same gateway relays a well-formed answer of the same peer (200)."""
+    """Control: the same gateway relays a well-formed answer of the same peer (200, R25)."""
     resp = await mcp_post(faults.url("/ok"), faults.token("/ok"), rpc("ping"))
     assert resp.status_code == 200
     assert resp.json() == {"jsonrpc": "2.0", "id": 1, "result": {}}
@@ -97,8 +95,8 @@ async def test_server_down_is_502_at_once(faults: McpFaults) -> None:
     elapsed = time.monotonic() - start
     assert resp.status_code == 502
     assert resp.headers["content-type"] == "application/json; charset=utf-8"
-    assert resp.headers["cache-control"] == BODY_NO_STORE
-    assert resp.json() == _gateway_error(502, "The MCP server is unreachable")
+    assert resp.headers["cache-control"] == "no-store"
+    assert resp.json() == _gateway_error("The MCP server is unreachable")
     assert elapsed < 1.5
 
 
@@ -108,18 +106,19 @@ async def test_reset_or_non_http_answer_is_502(faults: McpFaults, path: str) -> 
     its bytes reach the client (DESIGN §4.5)."""
     resp = await mcp_post(faults.url(path), faults.token(path), rpc("tools/list"))
     assert resp.status_code == 502
-    assert resp.json() == _gateway_error(502, "The MCP server is unreachable")
+    assert resp.json() == _gateway_error("The MCP server is unreachable")
     assert "junk-marker" not in resp.text
 
 
 async def test_stalled_server_is_504_within_the_request_timeout(faults: McpFaults) -> None:
     """A server that accepts the request and never answers: 504 after `request_timeout` (2 s),
-    not before and not much after, and the gateway hangs up on it (no leaked connection)."""
+    not before and not much after, and the gateway hangs up on it (no leaked connection;
+    invariant 8: a time-out on every outbound call)."""
     start = time.monotonic()
     resp = await mcp_post(faults.url("/stall"), faults.token("/stall"), rpc("tools/list"))
     elapsed = time.monotonic() - start
     assert resp.status_code == 504
-    assert resp.json() == _gateway_error(504, "The MCP server did not answer in time")
+    assert resp.json() == _gateway_error("The MCP server did not answer in time")
     assert REQUEST_TIMEOUT - 0.2 <= elapsed < REQUEST_TIMEOUT + 2.0
     await wait_for(lambda: "/stall" in faults.peer.closed, 2.0, "gateway closed the stalled call")
 
@@ -171,7 +170,7 @@ async def test_stream_cut_mid_event_ends_the_clients_stream(faults: McpFaults) -
 
 async def test_silent_stream_is_closed_after_the_read_timeout(faults: McpFaults) -> None:
     """A stream that falls silent after its first event is closed after `read_timeout` (1 s),
-    toward the client (incomplete, never a hang) and toward the server."""
+    toward the client (incomplete, never a hang) and toward the server (invariant 8)."""
     status, _, received, error, elapsed = await _read_stream(
         faults.url("/silent"), faults.token("/silent")
     )

@@ -173,7 +173,7 @@ async def test_redis_killed_mid_flow_fails_closed_then_recovers(
 
     redis.stop()
     killed = time.monotonic()
-    await gw.wait_event("store_unavailable", reason="revocation feed broken", timeout=3.0)
+    await gw.wait_event("store_unavailable", reason="revocation feed broken", within=3.0)
     assert time.monotonic() - killed < 2.0
 
     async with httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http:
@@ -193,8 +193,10 @@ async def test_redis_killed_mid_flow_fails_closed_then_recovers(
         _assert_json_503(await _timed(http.post(gw.url + "/oauth/token", data=refresh)), redis)
         revoke = {"token": access, "client_id": client.client_id}
         _assert_json_503(await _timed(http.post(gw.url + "/oauth/revoke", data=revoke)), redis)
-        registration = {"redirect_uris": [DEFAULT_REDIRECT_URI], "token_endpoint_auth_method":
-                        "none"}
+        registration = {
+            "redirect_uris": [DEFAULT_REDIRECT_URI],
+            "token_endpoint_auth_method": "none",
+        }
         _assert_json_503(
             await _timed(http.post(gw.url + "/oauth/register", json=registration)), redis
         )
@@ -215,7 +217,7 @@ async def test_redis_killed_mid_flow_fails_closed_then_recovers(
 
     # Redis is back (empty: persistence is off). The same process recovers by itself.
     redis.start()
-    assert (await wait_ready(gw.url, timeout=10.0))["status"] == "ok"
+    assert (await wait_ready(gw.url, within=10.0))["status"] == "ok"
     await gw.wait_event("revocation_feed_current", count=2)
     assert gw.alive
     assert gw.pid == pid
@@ -285,7 +287,7 @@ async def test_a_callback_cut_off_by_a_silent_store_is_never_resumed(
         _assert_html_503(outcome.page, redis)
 
         redis.resume()
-        await wait_ready(gw.url, timeout=10.0)
+        await wait_ready(gw.url, within=10.0)
         again = await ua.get(outcome.page.url)  # the user reloads the callback
         await ua.aclose()
         assert again.status == 400
@@ -354,6 +356,6 @@ async def test_a_silent_store_refuses_valid_tokens_within_the_feed_heartbeat(
     finally:
         redis.resume()
     assert noticed <= FEED_HEARTBEAT + STORE_TIMEOUT + 3.0
-    await gw.wait_event("revocation_feed_current", count=2, timeout=10.0)
+    await gw.wait_event("revocation_feed_current", count=2, within=10.0)
     assert (await mcp_post(gw.url + "/mcp", token, rpc("ping"))).status_code == 200
     assert gw.events("unhandled_error") == []

@@ -88,7 +88,8 @@ def _assert_cut_off(result: tuple[float | None, bytes], what: str) -> None:
 
 
 async def test_a_slow_but_complete_request_is_served(gateway: GatewayProcess) -> None:
-    """Control: a request whose headers arrive in three pieces within the time-out is served."""
+    """Control: a request whose headers arrive in three pieces within the time-out is served
+    (so the cut-offs below are about time, not fragmentation; invariant 8)."""
     reader, writer = await _open(gateway)
     try:
         for piece in (b"GET /healthz HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n", b"\r\n"):
@@ -105,7 +106,7 @@ async def test_a_slow_but_complete_request_is_served(gateway: GatewayProcess) ->
 async def test_headers_trickled_byte_by_byte_are_cut_off(gateway: GatewayProcess) -> None:
     """Slowloris: request headers sent one byte every 100 ms, never finished. The gateway must
     drop the connection (or answer 408) once `request_timeout` has passed, although bytes keep
-    arriving (an idle-read timer alone would never fire)."""
+    arriving (an idle-read timer alone would never fire; invariant 8)."""
     reader, writer = await _open(gateway)
     started = time.monotonic()
     trickle = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200
@@ -118,7 +119,8 @@ async def test_headers_trickled_byte_by_byte_are_cut_off(gateway: GatewayProcess
 
 async def test_a_form_body_that_never_completes_is_cut_off(gateway: GatewayProcess) -> None:
     """`POST /oauth/token` announcing 100 bytes of form and sending 11: the token handler must
-    not wait for the rest forever (408 or disconnect after `request_timeout`)."""
+    not wait for the rest forever (408 or disconnect after `request_timeout`; invariant 8,
+    R19)."""
     reader, writer = await _open(gateway)
     started = time.monotonic()
     writer.write(
@@ -137,7 +139,7 @@ async def test_a_form_body_that_never_completes_is_cut_off(gateway: GatewayProce
 async def test_an_mcp_body_that_never_completes_is_cut_off(gateway: GatewayProcess) -> None:
     """An authenticated `POST /mcp` whose JSON body never completes: the proxy, which buffers
     the (capped) body for policy before anything is forwarded, must give up after
-    `request_timeout` (408 or disconnect), not hold the request forever."""
+    `request_timeout` (408 or disconnect), not hold the request forever (invariant 8, R25)."""
     token = mint_token(gateway.config_path)
     reader, writer = await _open(gateway)
     started = time.monotonic()
@@ -157,13 +159,16 @@ async def test_an_mcp_body_that_never_completes_is_cut_off(gateway: GatewayProce
 
 async def test_stuck_clients_do_not_starve_others(gateway: GatewayProcess) -> None:
     """While 50 clients hold half-sent requests, the gateway still answers everyone else at
-    once (no worker or lock is held by a stuck client)."""
+    once (no worker or lock is held by a stuck client; invariant 8)."""
     held: list[asyncio.StreamWriter] = []
     try:
         for i in range(50):
             _, writer = await _open(gateway)
-            writer.write(b"POST /oauth/token HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n"
-                         if i % 2 else b"GET /healthz HTTP/1.1\r\nHos")
+            writer.write(
+                b"POST /oauth/token HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n"
+                if i % 2
+                else b"GET /healthz HTTP/1.1\r\nHos"
+            )
             await writer.drain()
             held.append(writer)
         start = time.monotonic()
@@ -190,7 +195,7 @@ async def test_a_client_leaving_mid_body_is_not_a_fault(
     gateway fault: no `unhandled_error` with a traceback in the log (the fault alarm, R35), no
     500 counted against the gateway, and the process keeps serving."""
     gateway = gateway_processes.start(config_for(tmp_path / "gw", port=free_port()))
-    reader, writer = await _open(gateway)
+    _, writer = await _open(gateway)
     writer.write(
         b"POST /oauth/token HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n"
@@ -199,7 +204,7 @@ async def test_a_client_leaving_mid_body_is_not_a_fault(
     await writer.drain()
     await asyncio.sleep(0.3)
     writer.close()
-    finished = await gateway.wait_event("request_finished", route="/oauth/token", timeout=5.0)
+    finished = await gateway.wait_event("request_finished", route="/oauth/token", within=5.0)
     assert gateway.events("unhandled_error") == []
     assert finished["status"] != 500
     assert "Traceback" not in gateway.log_text()

@@ -80,8 +80,11 @@ def _deployment(
     path = config_for(
         directory / "config",
         port=free_port(),
-        upstream={"issuer": idp.url, "client_id": idp.client_id,
-                  "timeout": f"{UPSTREAM_TIMEOUT:g}s"},
+        upstream={
+            "issuer": idp.url,
+            "client_id": idp.client_id,
+            "timeout": f"{UPSTREAM_TIMEOUT:g}s",
+        },
         **config,
     )
     launcher = GatewayLauncher(directory)
@@ -232,9 +235,10 @@ async def test_the_provider_back_to_normal_completes_a_login(junk_tokens: Deploy
     client = await register_client(d.gateway.url)
     auth = client.authorization(d.gateway.url)
     async with _ua() as ua:
-        response = await ua.authorize(auth.url, answers={"decision": "approve", "code": device.code})
+        response = await ua.authorize(
+            auth.url, answers={"decision": "approve", "code": device.code}
+        )
     tokens = await tokens_for(d.gateway.url, client, auth, response)
     assert set(tokens) >= {"access_token", "refresh_token", "token_type", "expires_in"}
     assert (await wait_ready(d.gateway.url))["checks"] == {"store": "ok", "upstream": "ok"}
     d.assert_nothing_leaked()
-

@@ -8,6 +8,10 @@ nesting far past the recursion limit, batches around the size cap, and message-s
 with every member of the wrong type; what is accepted must be exactly what policy relies on.
 """
 
+# Properties branch on whether an input was refused, so they assert inside `except` blocks
+# (`pytest.raises` cannot say "may raise"): PT017 does not apply to this file.
+# ruff: noqa: PT017
+
 from __future__ import annotations
 
 import json
@@ -36,9 +40,11 @@ from tests.fuzz.strategies import NOW, hostile_text, json_scalars
 CODES = {PARSE_ERROR, INVALID_REQUEST, INVALID_PARAMS}
 MEMBERS = ["jsonrpc", "id", "method", "params", "result", "error", "name", "uri"]
 POLICY = McpPolicy(
-    rules=(McpRule(method="tools/call", tool="delete_*", effect="deny"),
-           McpRule(method="tools/*", require_scopes=("admin",)),
-           McpRule(method="prompts/*", max_auth_age=60.0)),
+    rules=(
+        McpRule(method="tools/call", tool="delete_*", effect="deny"),
+        McpRule(method="tools/*", require_scopes=("admin",)),
+        McpRule(method="prompts/*", max_auth_age=60.0),
+    ),
 )
 
 
@@ -50,9 +56,11 @@ def _check(body: JsonRpcBody) -> None:
     for msg in body.messages:
         assert msg.id is None or (type(msg.id) in (str, int))
         if msg.kind == "response":
-            assert msg.method is None and msg.name is None
+            assert msg.method is None
+            assert msg.name is None
             continue
-        assert isinstance(msg.method, str) and msg.method
+        assert isinstance(msg.method, str)
+        assert msg.method
         if msg.method == "tools/call":
             assert isinstance(msg.name, str)
         if msg.name is not None:
@@ -88,7 +96,7 @@ def _inspect(raw: bytes) -> JsonRpcBody | None:
 @example(raw=b"")
 def test_arbitrary_bytes_raise_only_jsonrpc_errors(raw: bytes) -> None:
     """Any byte string is parsed or refused with a JSON-RPC error code, never an exception of
-    another kind (which would be a 500 and a traceback in the log)."""
+    another kind (which would be a 500 and a traceback in the log, R35)."""
     _inspect(raw)
 
 
@@ -101,8 +109,11 @@ def messages(draw: st.DrawFn) -> Any:
             st.one_of(
                 json_scalars,
                 st.sampled_from(["2.0", "tools/call", "ping", "prompts/get", "resources/read"]),
-                st.dictionaries(st.sampled_from(["name", "uri", "arguments"]),
-                                st.one_of(json_scalars, hostile_text), max_size=3),
+                st.dictionaries(
+                    st.sampled_from(["name", "uri", "arguments"]),
+                    st.one_of(json_scalars, hostile_text),
+                    max_size=3,
+                ),
                 st.lists(json_scalars, max_size=3),
             )
         )
@@ -116,14 +127,14 @@ bodies = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(doc=bodies, style=st.sampled_from(["compact", "ascii", "indent"]))
 def test_message_shaped_documents_parse_only_into_what_policy_relies_on(
     doc: Any, style: str
 ) -> None:
     """Objects with JSON-RPC members of every type: refused with the right code, or parsed into
     messages that have a string method (a name for `tools/call`), a string or integer id, at
-    most 32 per batch, which policy then evaluates without error."""
+    most 32 per batch, which policy then evaluates without error (DESIGN §4.4)."""
     kwargs: dict[str, Any] = {"ensure_ascii": style == "ascii"}
     if style == "indent":
         kwargs["indent"] = 2
@@ -137,7 +148,7 @@ def test_message_shaped_documents_parse_only_into_what_policy_relies_on(
         assert item.get("jsonrpc") == "2.0"
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     doc=messages(),
     version=st.one_of(st.none(), st.sampled_from(["2025-11-25", "2026-07-28", "x"]), hostile_text),
@@ -149,7 +160,8 @@ def test_routing_headers_of_any_value_raise_only_header_mismatch(
 ) -> None:
     """`MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name` of any value (base64-wrapped too)
     either agree with a parsed body or are refused with `-32020`; when they pass on the modern
-    wire they name exactly the body's method (nothing routes a call policy did not see)."""
+    wire they name exactly the body's method (nothing routes a call policy did not see;
+    DESIGN §4.4)."""
     body = _inspect(json.dumps(doc).encode())
     assert decode_header_value(name) is None or isinstance(decode_header_value(name), str)
     if body is None:

@@ -11,6 +11,10 @@ only_oauth_errors`, `TestTokenRequest::test_arbitrary_token_input_raises_only_oa
 `TestBasicCredentials::test_arbitrary_header_raises_only_invalid_client`.
 """
 
+# Properties branch on whether an input was refused, so they assert inside `except` blocks
+# (`pytest.raises` cannot say "may raise"): PT017 does not apply to this file.
+# ruff: noqa: PT017
+
 from __future__ import annotations
 
 import asyncio
@@ -50,27 +54,27 @@ from gateway.core.redirects import match_redirect_uri, validate_redirect_uri
 from gateway.flows.authorize import NotRedirectable, RedirectableError, start_authorization
 from gateway.settings import Settings, load_settings
 from tests.fixtures.config import make_config
-from tests.fuzz.strategies import MARKER, NOW, hostile_text, json_values, pairs_of, uris
+from tests.fuzz.strategies import (
+    CLIENTS,
+    FILES,
+    MARKER,
+    MCP,
+    NOW,
+    TOKEN_NAMES,
+    Pairs,
+    authorize_pairs,
+    client_metadata,
+    hostile_text,
+    pairs_of,
+)
 
-Pairs = list[tuple[str, str]]
-CHALLENGE = pkce.s256("a" * 43)
-MCP = "http://127.0.0.1:8080/mcp"
-FILES = "http://127.0.0.1:8080/files"
-CLIENTS = {
-    "client-1": ("https://app.example.com/cb", "http://127.0.0.1:3000/cb"),
-    "native": ("http://127.0.0.1/callback",),
-    "narrow": ("https://narrow.example.com/cb",),
+AUTHORIZE_ERRORS = {
+    "invalid_request",
+    "unsupported_response_type",
+    "invalid_target",
+    "invalid_scope",
+    "unauthorized_client",
 }
-AUTHORIZE_NAMES = [
-    "response_type", "client_id", "redirect_uri", "code_challenge", "code_challenge_method",
-    "state", "scope", "resource", "response_mode", "request", "request_uri", "nonce", "prompt",
-]  # fmt: skip
-TOKEN_NAMES = [
-    "grant_type", "code", "code_verifier", "redirect_uri", "refresh_token", "scope",
-    "resource", "client_id", "client_secret",
-]  # fmt: skip
-AUTHORIZE_ERRORS = {"invalid_request", "unsupported_response_type", "invalid_target",
-                    "invalid_scope", "unauthorized_client"}
 
 
 @pytest.fixture(scope="module")
@@ -86,57 +90,25 @@ def gw_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
             "registration": {
                 "allowed_custom_schemes": ["com.example.app"],
                 "clients": [
-                    {"client_id": cid, "redirect_uris": list(uris),
-                     **({"scopes": ["files:read"]} if cid == "narrow" else {})}
+                    {
+                        "client_id": cid,
+                        "redirect_uris": list(uris),
+                        **({"scopes": ["files:read"]} if cid == "narrow" else {}),
+                    }
                     for cid, uris in CLIENTS.items()
                 ],
             }
         },
-        policies={"files": {"mcp": {"scopes_supported": ["files:read", "files:write"],
-                                    "default_scopes": ["files:read"]}}},
+        policies={
+            "files": {
+                "mcp": {
+                    "scopes_supported": ["files:read", "files:write"],
+                    "default_scopes": ["files:read"],
+                }
+            }
+        },
     )
     return load_settings(path)
-
-
-_authorize_values = st.sampled_from(
-    [
-        "code", "token", "S256", "plain", CHALLENGE, "a" * 42, "client-1", "native", "narrow",
-        "nobody", "https://app.example.com/cb", "http://127.0.0.1:3000/cb",
-        "http://127.0.0.1:4567/cb", "http://127.0.0.1:4567/callback", "https://evil.example/cb",
-        MCP, FILES, MCP + "/", "mcp files:read files:write offline_access", "query", "fragment",
-        "st-1", "",
-    ]
-)  # fmt: skip
-
-
-@st.composite
-def authorize_pairs(draw: st.DrawFn) -> Pairs:
-    """Often a nearly valid request with a few edits, sometimes pure noise."""
-    if draw(st.integers(0, 4)) == 4:  # noise one time in five (hypothesis favours 0)
-        return draw(pairs_of(AUTHORIZE_NAMES, _authorize_values))
-    client = draw(st.sampled_from(sorted(CLIENTS)))
-    base = {
-        "response_type": "code",
-        "client_id": client,
-        "redirect_uri": draw(st.sampled_from([*CLIENTS[client], "http://127.0.0.1:9999/cb"])),
-        "code_challenge": CHALLENGE,
-        "code_challenge_method": "S256",
-        "state": draw(st.one_of(st.just("st-1"), hostile_text)),
-        "resource": draw(st.sampled_from([MCP, FILES])),
-        "scope": draw(st.sampled_from(["mcp", "files:read", "files:write", "x", ""])),
-    }
-    pairs = list(base.items())
-    for _ in range(draw(st.integers(0, 2))):
-        name = draw(st.sampled_from(AUTHORIZE_NAMES))
-        value = draw(st.one_of(_authorize_values, hostile_text))
-        action = draw(st.sampled_from(["replace", "repeat", "drop"]))
-        if action == "replace":
-            pairs = [(n, value if n == name else v) for n, v in pairs]
-        elif action == "repeat":
-            pairs.append((name, value))
-        else:
-            pairs = [(n, v) for n, v in pairs if n != name]
-    return pairs
 
 
 def _no_reflection(err: OAuthError, pairs: Sequence[tuple[str, str]]) -> None:
@@ -145,7 +117,7 @@ def _no_reflection(err: OAuthError, pairs: Sequence[tuple[str, str]]) -> None:
         assert MARKER not in err.description
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(pairs=authorize_pairs())
 @example(pairs=[("client_id", "client-1"), ("client_id", "client-1")])
 @example(pairs=[("client_id", "client-1"), ("state", "a"), ("state", "b")])
@@ -160,11 +132,13 @@ def test_authorize_parsing_raises_only_typed_errors(gw_settings: Settings, pairs
         assert isinstance(err, InvalidRequest)
         _no_reflection(err, pairs)
         return
-    assert target.client_id and len(target.client_id) <= MAX_CLIENT_ID_LENGTH
-    assert target.client_id.isascii() and target.client_id.isprintable()
+    assert 0 < len(target.client_id) <= MAX_CLIENT_ID_LENGTH
+    assert target.client_id.isascii()
+    assert target.client_id.isprintable()
     if target.state is not None:
         assert [v for n, v in pairs if n == "state"] == [target.state]
-        assert len(target.state) <= MAX_STATE_LENGTH and target.state.isprintable()
+        assert len(target.state) <= MAX_STATE_LENGTH
+        assert target.state.isprintable()
     registered = CLIENTS.get(target.client_id, ("https://app.example.com/cb",))
     redirect = match_redirect_uri(target.redirect_uri or registered[0], registered)
     if redirect is None:
@@ -172,7 +146,10 @@ def test_authorize_parsing_raises_only_typed_errors(gw_settings: Settings, pairs
     client_scopes = ("files:read",) if target.client_id == "narrow" else None
     try:
         req = parse_authorize_request(
-            pairs, target=target, redirect_uri=redirect, settings=gw_settings,
+            pairs,
+            target=target,
+            redirect_uri=redirect,
+            settings=gw_settings,
             client_scopes=client_scopes,
         )
     except OAuthError as err:
@@ -194,10 +171,26 @@ def test_authorize_parsing_raises_only_typed_errors(gw_settings: Settings, pairs
         assert set(req.scope) <= set(client_scopes)
 
 
-@settings(max_examples=300, deadline=None)
-@given(pairs=pairs_of(TOKEN_NAMES, st.sampled_from(
-    ["authorization_code", "refresh_token", "password", "client_credentials", "c0de",
-     "v" * 43, "client-1", "https://app.example.com/cb", MCP, ""])))
+@settings(max_examples=200, deadline=None)
+@given(
+    pairs=pairs_of(
+        TOKEN_NAMES,
+        st.sampled_from(
+            [
+                "authorization_code",
+                "refresh_token",
+                "password",
+                "client_credentials",
+                "c0de",
+                "v" * 43,
+                "client-1",
+                "https://app.example.com/cb",
+                MCP,
+                "",
+            ]
+        ),
+    )
+)
 def test_token_and_revoke_parsing_raise_only_typed_errors(pairs: Pairs) -> None:
     """The token and revocation forms raise only OAuth errors, never echo input, refuse any
     repeated parameter, and what parses has its grant's required parameters (R18, R19)."""
@@ -213,8 +206,11 @@ def test_token_and_revoke_parsing_raise_only_typed_errors(pairs: Pairs) -> None:
         params = dict(pairs)
         if parse is parse_token_request:
             assert params["grant_type"] in GRANT_TYPES
-            needed = ("code", "code_verifier") if params["grant_type"] == GRANT_TYPES[0] else (
-                "refresh_token",)
+            needed = (
+                ("code", "code_verifier")
+                if params["grant_type"] == GRANT_TYPES[0]
+                else ("refresh_token",)
+            )
             assert all(params.get(n) for n in needed)
         else:
             assert params["token"]
@@ -226,8 +222,11 @@ def test_token_and_revoke_parsing_raise_only_typed_errors(pairs: Pairs) -> None:
     header=st.one_of(
         hostile_text,
         st.builds(lambda raw: "Basic " + base64.b64encode(raw).decode(), st.binary(max_size=60)),
-        st.builds(lambda a, b: "Basic " + base64.b64encode(f"{a}:{b}".encode()).decode(),
-                  hostile_text, hostile_text),
+        st.builds(
+            lambda a, b: "Basic " + base64.b64encode(f"{a}:{b}".encode()).decode(),
+            hostile_text,
+            hostile_text,
+        ),
     )
 )
 @example(header="Basic " + base64.b64encode(b"\xff\xfe:secret").decode())
@@ -241,35 +240,13 @@ def test_basic_credentials_raise_only_invalid_client(header: str) -> None:
         assert isinstance(err, InvalidClient)
         assert MARKER not in err.description
         return
-    assert client_id and client_id.isascii() and client_id.isprintable()
+    assert client_id
+    assert client_id.isascii()
+    assert client_id.isprintable()
     assert isinstance(secret, str)
 
 
-_METADATA_KEYS = [
-    "redirect_uris", "token_endpoint_auth_method", "grant_types", "response_types",
-    "client_name", "scope", "application_type", "client_uri", "logo_uri", "software_id",
-    "client_secret", "jwks",
-]  # fmt: skip
-
-
-@st.composite
-def client_metadata(draw: st.DrawFn) -> Any:
-    """Registration bodies: arbitrary JSON, or nearly valid metadata with hostile parts."""
-    if draw(st.booleans()):
-        return draw(json_values(_METADATA_KEYS))
-    doc: dict[str, Any] = {
-        "redirect_uris": draw(st.lists(st.one_of(uris(), json_values()), max_size=11)),
-        "token_endpoint_auth_method": draw(st.sampled_from([*AUTH_METHODS, "private_key_jwt"])),
-        "grant_types": draw(st.sampled_from([["authorization_code"], ["refresh_token"],
-                                             ["authorization_code", "implicit"], "x"])),
-        "response_types": draw(st.sampled_from([["code"], ["token"], ["code", "code"], []])),
-    }
-    for key in draw(st.lists(st.sampled_from(_METADATA_KEYS), max_size=3)):
-        doc[key] = draw(st.one_of(hostile_text, json_values()))
-    return doc
-
-
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(doc=client_metadata(), document=st.booleans())
 def test_client_metadata_raises_only_registration_errors(doc: Any, document: bool) -> None:
     """RFC 7591 bodies and metadata documents of any shape: `invalid_redirect_uri` or
@@ -278,7 +255,9 @@ def test_client_metadata_raises_only_registration_errors(doc: Any, document: boo
     public client (R23, R24)."""
     try:
         meta = parse_client_metadata(
-            doc, allowed_custom_schemes=("com.example.app",), supported_scopes=("mcp",),
+            doc,
+            allowed_custom_schemes=("com.example.app",),
+            supported_scopes=("mcp",),
             metadata_document=document,
         )
     except (InvalidRedirectUri, InvalidClientMetadata) as err:
@@ -296,9 +275,14 @@ def test_client_metadata_raises_only_registration_errors(doc: Any, document: boo
 
 
 @settings(max_examples=200, deadline=None)
-@given(requested=st.one_of(st.none(), hostile_text, st.sampled_from(
-    ["mcp", "mcp mcp", "admin", " mcp  offline_access ", "files:read\tmcp"])),
-    client=st.one_of(st.none(), st.lists(st.sampled_from(["mcp", "offline_access", "admin"]))))
+@given(
+    requested=st.one_of(
+        st.none(),
+        hostile_text,
+        st.sampled_from(["mcp", "mcp mcp", "admin", " mcp  offline_access ", "files:read\tmcp"]),
+    ),
+    client=st.one_of(st.none(), st.lists(st.sampled_from(["mcp", "offline_access", "admin"]))),
+)
 def test_granted_scopes_are_always_allowed_ones(
     requested: str | None, client: list[str] | None
 ) -> None:
@@ -306,8 +290,9 @@ def test_granted_scopes_are_always_allowed_ones(
     client, and never grants nothing: it is `invalid_scope` then (R20 "scope ⊆ original")."""
     supported = ("mcp", "offline_access")
     try:
-        granted = resolve_scopes(requested, supported=supported, default=("mcp",),
-                                 client_allowed=client)
+        granted = resolve_scopes(
+            requested, supported=supported, default=("mcp",), client_allowed=client
+        )
     except OAuthError as err:
         assert err.error == "invalid_scope"
         return
@@ -318,7 +303,7 @@ def test_granted_scopes_are_always_allowed_ones(
         assert set(granted) <= set(client)
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(pairs=authorize_pairs())
 def test_the_authorization_flow_redirects_only_to_registered_uris(
     gw_settings: Settings, pairs: Pairs
@@ -358,7 +343,8 @@ def test_the_authorization_flow_redirects_only_to_registered_uris(
 
 
 def test_module_settings_are_what_the_fuzzers_assume(gw_settings: Settings, tmp_path: Path) -> None:
-    """Guard: the fixture's clients and resources are the ones the oracles above rely on."""
+    """Guard: the fixture's clients and resources are the ones the oracles above rely on (R7,
+    R12)."""
     clients = {c.client_id: c.redirect_uris for c in gw_settings.global_policy.registration.clients}
     assert clients == CLIENTS
     assert [gw_settings.resource_url(r) for r in gw_settings.resources] == [MCP, FILES]

@@ -8,6 +8,10 @@ the registered strings may only be accepted when both are plain `http://<loopbac
 are equal character for character except for the decimal port.
 """
 
+# Properties branch on whether an input was refused, so they assert inside `except` blocks
+# (`pytest.raises` cannot say "may raise"): PT017 does not apply to this file.
+# ruff: noqa: PT017
+
 from __future__ import annotations
 
 import re
@@ -56,7 +60,7 @@ def _mutant(draw: st.DrawFn, uri: str) -> str:
     """`uri` with one small edit: a character inserted, replaced or dropped, a port, a case."""
     edit = draw(st.sampled_from(["insert", "replace", "drop", "port", "upper", "suffix"]))
     i = draw(st.integers(0, len(uri)))
-    c = draw(st.sampled_from(list(":/@.?#%\\0Aa9-_[]") + ["%2e", ":0", ":3001", "@evil"]))
+    c: str = draw(st.sampled_from([*":/@.?#%\\0Aa9-_[]", "%2e", ":0", ":3001", "@evil"]))
     if edit == "insert":
         return uri[:i] + c + uri[i:]
     if edit == "replace":
@@ -81,7 +85,7 @@ def _asked_and_registered(draw: st.DrawFn) -> tuple[str, list[str]]:
     return (base if kind == 1 else draw(_mutant(base))), registered
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(case=_asked_and_registered())
 @example(case=("http://127.0.0.1:4000/cb", ["http://127.0.0.1:3000/cb"]))
 @example(case=("http://127.0.0.1:3000@evil.example/cb", ["http://127.0.0.1:3000/cb"]))
@@ -110,7 +114,7 @@ def test_a_match_is_the_registered_uri_or_a_loopback_port_variant(
     ), (asked, registered)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(registered=uris(), port=st.integers(min_value=0, max_value=100_000))
 def test_https_and_custom_scheme_uris_never_take_another_port(registered: str, port: int) -> None:
     """Outside plain-http loopback, changing (or adding) the port never matches (R7)."""
@@ -125,7 +129,7 @@ def test_https_and_custom_scheme_uris_never_take_another_port(registered: str, p
     assert match_redirect_uri(asked, [registered]) is None
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(uri=st.one_of(uris(), hostile_text))
 def test_registration_accepts_only_safe_redirect_uris(uri: str) -> None:
     """A URI that may be registered is https with a plain host and no userinfo, plain-http
@@ -152,7 +156,7 @@ def test_registration_accepts_only_safe_redirect_uris(uri: str) -> None:
         assert scheme in CUSTOM
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     uri=st.sampled_from(
         [
@@ -178,5 +182,7 @@ def test_the_response_keeps_the_uri_and_echoes_state_exactly(
     assert result.startswith(uri)
     assert "#" not in result
     added = result[len(uri) :].lstrip("?&")
-    expected = [(k, v) for k, v in (("code", code), ("state", state), ("iss", iss)) if v is not None]
+    expected = [
+        (k, v) for k, v in (("code", code), ("state", state), ("iss", iss)) if v is not None
+    ]
     assert parse_qsl(added, keep_blank_values=True) == expected

@@ -127,7 +127,8 @@ async def test_an_authorization_started_on_one_replica_finishes_on_the_other(
     d = deployment
     client = await register_client(d.b.url)
     auth = client.authorization(d.public_url)
-    async with d.browser() as ua:
+    ua = d.browser()
+    async with ua:
         response = await ua.authorize(auth.url)
         routes = list(ua.routes)
     assert [(m, p) for m, p, _ in routes] == [
@@ -249,8 +250,9 @@ async def test_revocations_on_one_replica_reach_the_others_proxy(
         rotated = await http.post(d.b.url + "/oauth/token", data=refresh)
         assert rotated.status_code == 200
         second = rotated.json()
-        assert (await mcp_post(d.a.url + "/mcp", second["access_token"], rpc("ping"))
-                ).status_code == 200
+        assert (
+            await mcp_post(d.a.url + "/mcp", second["access_token"], rpc("ping"))
+        ).status_code == 200
         gone = await http.post(
             d.b.url + "/oauth/revoke",
             data={"token": second["refresh_token"], "client_id": client.client_id},

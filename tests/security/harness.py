@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import secrets
 import ssl
-import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -65,14 +65,12 @@ class OffsetClock:
 
     def __init__(self) -> None:
         self.offset = 0.0
-        self._lock = threading.Lock()
 
     def now(self) -> float:
         return SystemClock().now() + self.offset
 
     def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.offset += seconds
+        self.offset += seconds
 
 
 @dataclass(frozen=True)
@@ -91,6 +89,7 @@ def new_pkce() -> Pkce:
 
 
 def new_state() -> str:
+    """A fresh client `state`."""
     return "st-" + secrets.token_urlsafe(12)
 
 
@@ -111,6 +110,7 @@ class User:
     password: str
     secret: str
     clock: Clock
+    recovery_codes: tuple[str, ...] = ()
 
     def code(self, steps: int = 0) -> str:
         """The code an authenticator shows `steps` time steps from now (gateway time)."""
@@ -155,10 +155,12 @@ class AtTotp:
 
 
 def query_of(url: str) -> dict[str, str]:
+    """The query parameters of `url` (last value wins)."""
     return dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
 
 
 def hidden_fields(page: Page) -> dict[str, str]:
+    """The hidden inputs of the page's POST form."""
     form = page.form()
     assert form is not None, f"no POST form on {page.url} ({page.status})"
     return form.hidden
@@ -186,12 +188,12 @@ def unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def b64url(data: bytes) -> str:
+    """Unpadded base64url."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def b64json(value: Mapping[str, Any]) -> str:
-    import json
-
+    """A JWS segment: compact JSON, base64url."""
     return b64url(json.dumps(dict(value), separators=(",", ":")).encode("utf-8"))
 
 
@@ -227,9 +229,7 @@ class Browser(UserAgent):
         self.answers = dict(answers)
         self.max_steps = 30
         self.pages = []
-        self.client = httpx.AsyncClient(
-            follow_redirects=False, timeout=HTTP_TIMEOUT, verify=_TLS
-        )
+        self.client = httpx.AsyncClient(follow_redirects=False, timeout=HTTP_TIMEOUT, verify=_TLS)
 
 
 @dataclass
@@ -244,16 +244,20 @@ class Target:
 
     @property
     def url(self) -> str:
+        """The gateway's public URL (its issuer)."""
         return self.gw.url
 
     def resource(self, path: str = "/mcp") -> str:
+        """The canonical resource URL of `path`."""
         return self.gw.resource_url(path)
 
     def prm(self, path: str = "/mcp") -> str:
+        """The RFC 9728 metadata URL of the resource at `path`."""
         return f"{self.url}/.well-known/oauth-protected-resource{path}"
 
     @property
     def clock(self) -> Clock:
+        """The gateway's clock (TOTP codes and minted tokens use its time)."""
         return self.gw.clock
 
     @property
@@ -272,8 +276,10 @@ class Target:
         """The next account nobody in this module used yet, enrolled with a fresh seed."""
         name = next(self._users)
         secret = pyotp.random_base32(32)
-        await self.gw.enroll(name, secret)
-        return User(name, self.idp.accounts[name], secret, self.gw.clock)
+        enrolled = await self.gw.enroll(name, secret)
+        return User(
+            name, self.idp.accounts[name], secret, self.gw.clock, tuple(enrolled.recovery_codes)
+        )
 
     async def register(
         self,
@@ -309,10 +315,12 @@ class Target:
         scope: str = "mcp",
         pairs: Sequence[tuple[str, str]] | None = None,
         drop: Sequence[str] = (),
+        extra: Mapping[str, str] | None = None,
         **overrides: str,
     ) -> str:
-        """`/oauth/authorize?...` as a client builds it; `overrides` replace parameters,
-        `drop` removes them and `pairs` replaces the whole query (repeated names allowed)."""
+        """`/oauth/authorize?...` as a client builds it; `overrides` (and `extra`) replace or
+        add parameters, `drop` removes them and `pairs` replaces the whole query (repeated
+        names allowed)."""
         if pairs is None:
             params = {
                 "response_type": "code",
@@ -325,6 +333,7 @@ class Target:
                 "resource": resource or self.resource(),
             }
             params.update(overrides)
+            params.update(extra or {})
             pairs = [(k, v) for k, v in params.items() if k not in drop]
         return f"{self.url}/oauth/authorize?{urlencode(list(pairs))}"
 
@@ -363,8 +372,11 @@ class Target:
         self, at: AtTotp, code: str, *, csrf: str | None = None, tx: str | None = None
     ) -> Page:
         """POST the TOTP form of `at` (its own hidden fields unless told otherwise)."""
-        data = [("csrf", at.csrf if csrf is None else csrf), ("tx", at.tx if tx is None else tx),
-                ("code", code)]
+        data = [
+            ("csrf", at.csrf if csrf is None else csrf),
+            ("tx", at.tx if tx is None else tx),
+            ("code", code),
+        ]
         return await at.ua.request("POST", self.url + "/oauth/totp", data=data)
 
     def grant_from(self, at: AtTotp, page: Page) -> Grant:
@@ -402,10 +414,14 @@ class Target:
     async def token(
         self, form: Mapping[str, str], *, auth: tuple[str, str] | None = None
     ) -> httpx.Response:
+        """POST `form` to `/oauth/token` (with HTTP Basic client credentials if given)."""
         async with http_client() as http:
+            if auth is None:
+                return await http.post(self.url + "/oauth/token", data=dict(form))
             return await http.post(self.url + "/oauth/token", data=dict(form), auth=auth)
 
     def redeem_form(self, grant: Grant, **overrides: str) -> dict[str, str]:
+        """The authorization_code grant's form for `grant` (with `overrides`)."""
         form = {
             "grant_type": "authorization_code",
             "code": grant.code,
@@ -418,6 +434,7 @@ class Target:
         return form
 
     async def redeem(self, grant: Grant, **overrides: str) -> httpx.Response:
+        """Redeem `grant`'s code as its client would (parameters replaced by `overrides`)."""
         return await self.token(self.redeem_form(grant, **overrides))
 
     async def tokens(
@@ -436,6 +453,7 @@ class Target:
         return Tokens(body["access_token"], body.get("refresh_token"), grant, body)
 
     async def refresh(self, refresh_token: str, client: RegisteredClient) -> httpx.Response:
+        """The refresh_token grant for a public `client`."""
         return await self.token(
             {
                 "grant_type": "refresh_token",
@@ -519,6 +537,14 @@ class Target:
         hdr = {k: v for k, v in hdr.items() if v is not None}
         return jwt.encode(dict(claims), key.private_key, algorithm=key.alg, headers=hdr)
 
+    def sign_raw(self, header: Mapping[str, Any], claims: Mapping[str, Any]) -> str:
+        """A JWS built by hand and signed with the gateway's real key: `header` exactly as given
+        (pyjwt would rewrite some members, such as `b64`)."""
+        key = self.signing_key
+        signing_input = f"{b64json(header)}.{b64json(claims)}".encode("ascii")
+        signature = jwt.get_algorithm_by_name(key.alg).sign(signing_input, key.private_key)
+        return f"{signing_input.decode('ascii')}.{b64url(signature)}"
+
     async def metric(self, name: str, **labels: str) -> float:
         """One sample of `/metrics` (0.0 when the labelled series does not exist yet)."""
         async with http_client() as http:
@@ -548,15 +574,11 @@ def tool_call(name: str, id: int = 1, **arguments: Any) -> dict[str, Any]:
 
 
 def _json_bytes(value: Mapping[str, Any]) -> bytes:
-    import json
-
     return json.dumps(dict(value)).encode("utf-8")
 
 
 def tool_result(resp: httpx.Response) -> dict[str, Any]:
     """The `result` of a JSON-RPC answer (plain JSON or the one SSE `data:` event)."""
-    import json
-
     assert resp.status_code == 200, (resp.status_code, resp.text[:300])
     text = resp.text
     if resp.headers.get("content-type", "").startswith("text/event-stream"):

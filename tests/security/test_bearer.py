@@ -68,8 +68,11 @@ async def target(
                 "default_scopes": ["mcp"],
                 "rules": [
                     {"method": "tools/call", "tool": "delete_everything", "effect": "deny"},
-                    {"method": "tools/call", "tool": "transfer_funds",
-                     "require_scopes": ["payments"]},
+                    {
+                        "method": "tools/call",
+                        "tool": "transfer_funds",
+                        "require_scopes": ["payments"],
+                    },
                     {"method": "tools/call", "tool": "count", "max_auth_age": "5m"},
                 ],
             }
@@ -85,8 +88,9 @@ def attacker_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def sign_es256(header: dict[str, Any], claims: dict[str, Any],
-               key: ec.EllipticCurvePrivateKey) -> str:
+def sign_es256(
+    header: dict[str, Any], claims: dict[str, Any], key: ec.EllipticCurvePrivateKey
+) -> str:
     return jwt.encode(claims, key, algorithm="ES256", headers=header)
 
 
@@ -166,8 +170,9 @@ class TestMissingOrMisplacedToken:
         self, target: Target, value: str
     ) -> None:
         """R29: a non-Bearer credential counts as none; an empty Bearer is an invalid token."""
-        resp = await target.mcp(tool_call("echo", text="x"), token=None,
-                                headers={"Authorization": value})
+        resp = await target.mcp(
+            tool_call("echo", text="x"), token=None, headers={"Authorization": value}
+        )
         assert resp.status_code == 401
         params = challenge_params(resp.headers["www-authenticate"])
         assert params["resource_metadata"] == target.prm()
@@ -182,7 +187,8 @@ class TestMissingOrMisplacedToken:
         for resp in (only_query, both):
             assert resp.status_code == 400
             assert challenge_params(resp.headers["www-authenticate"])["error"] == (
-                "invalid_request")
+                "invalid_request"
+            )
 
     async def test_token_in_a_form_body_is_not_a_credential(self, target: Target) -> None:
         """R25: RFC 6750 form-body tokens are not accepted either."""
@@ -203,11 +209,13 @@ class TestMissingOrMisplacedToken:
             resp = await http.post(
                 target.url + "/mcp",
                 content=json.dumps(rpc("tools/list")).encode(),
-                headers=[("Authorization", f"Bearer {token}"),
-                         ("Authorization", f"Bearer {token}"),
-                         ("Content-Type", "application/json"),
-                         ("Accept", "application/json, text/event-stream"),
-                         ("MCP-Protocol-Version", HANDSHAKE)],
+                headers=[
+                    ("Authorization", f"Bearer {token}"),
+                    ("Authorization", f"Bearer {token}"),
+                    ("Content-Type", "application/json"),
+                    ("Accept", "application/json, text/event-stream"),
+                    ("MCP-Protocol-Version", HANDSHAKE),
+                ],
             )
         assert resp.status_code == 400
         assert challenge_params(resp.headers["www-authenticate"])["error"] == "invalid_request"
@@ -217,15 +225,13 @@ class TestMissingOrMisplacedToken:
         self, target: Target, value: str
     ) -> None:
         """RFC 6750 §2.1: a value that is not a b64token is an invalid token."""
+        headers = [
+            (b"Authorization", ("Bearer " + value).encode("utf-8")),
+            (b"Content-Type", b"application/json"),
+        ]
         async with http_client() as http:
             resp = await http.post(
-                target.url + "/mcp",
-                content=json.dumps(rpc("tools/list")).encode(),
-                headers={"Authorization": "Bearer " + value,
-                         "Content-Type": "application/json"}
-                if value.isascii() else
-                [("Authorization", ("Bearer " + value).encode()),
-                 ("Content-Type", b"application/json")],
+                target.url + "/mcp", content=json.dumps(rpc("tools/list")).encode(), headers=headers
             )
         assert_invalid_token(resp, target)
 
@@ -295,8 +301,9 @@ class TestForgedWithoutTheKey:
                 "x5u": f"http://127.0.0.1:{port}/cert.pem",
                 "x5c": ["MIIBszCCAVmgAwIBAgIUB"],
             }[member]
-            forged = sign_es256({"kid": "attacker", "typ": "at+jwt", member: value},
-                                target.mint(), key)
+            forged = sign_es256(
+                {"kid": "attacker", "typ": "at+jwt", member: value}, target.mint(), key
+            )
             genuine = target.sign(target.mint(), **{member: value})
             assert_invalid_token(await call(target, forged), target)
             assert_invalid_token(await call(target, genuine), target)
@@ -304,21 +311,27 @@ class TestForgedWithoutTheKey:
             await runner.cleanup()
         assert hits == []
 
-    async def test_tampered_payload_or_stripped_signature_is_refused(
-        self, target: Target
-    ) -> None:
+    async def test_tampered_payload_or_stripped_signature_is_refused(self, target: Target) -> None:
         """R27: changing any claim of a genuine token breaks it, and so does dropping or
         swapping its signature."""
         genuine = target.sign(target.mint(scope="mcp"))
         head, payload, sig = genuine.split(".")
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        for change in ({"sub": "admin"}, {"scope": "mcp payments"}, {"exp": claims["exp"] + 9999},
-                       {"amr": ["pwd", "otp", "mfa", "hwk"]}):
+        for change in (
+            {"sub": "admin"},
+            {"scope": "mcp payments"},
+            {"exp": claims["exp"] + 9999},
+            {"amr": ["pwd", "otp", "mfa", "hwk"]},
+        ):
             tampered = f"{head}.{b64json({**claims, **change})}.{sig}"
             assert_invalid_token(await call(target, tampered), target)
         other_sig = target.sign(target.mint()).split(".")[2]
-        for token in (f"{head}.{payload}.", f"{head}.{payload}", f"{head}.{payload}.{other_sig}",
-                      f"{head}.{payload}.{sig}.{sig}"):
+        for token in (
+            f"{head}.{payload}.",
+            f"{head}.{payload}",
+            f"{head}.{payload}.{other_sig}",
+            f"{head}.{payload}.{sig}.{sig}",
+        ):
             assert_invalid_token(await call(target, token), target)
 
 
@@ -365,9 +378,7 @@ class TestGenuineKeyWrongClaims:
         assert_invalid_token(await call(target, token), target)
 
     @pytest.mark.parametrize("typ", ["JWT", "jwt", "identity+jwt", "application/jwt", None, ""])
-    async def test_wrong_or_missing_typ_is_refused(
-        self, target: Target, typ: str | None
-    ) -> None:
+    async def test_wrong_or_missing_typ_is_refused(self, target: Target, typ: str | None) -> None:
         """R27, R28 (explicit typing): only `at+jwt` is an access token; a plain JWT or the
         gateway's own identity token type is not, even with a genuine signature."""
         token = target.sign(target.mint(), typ=typ)
@@ -379,6 +390,18 @@ class TestGenuineKeyWrongClaims:
         for crit in (["exp"], ["urn:example:ext"], []):
             token = target.sign(target.mint(), crit=crit, **{"urn:example:ext": True})
             assert_invalid_token(await call(target, token), target)
+        # An extension the JWT library itself understands (RFC 7797 `b64`, here `true`) is
+        # still one the gateway does not, so the token is refused all the same.
+        header = {
+            "alg": "ES256",
+            "kid": target.signing_key.kid,
+            "typ": "at+jwt",
+            "crit": ["b64"],
+            "b64": True,
+        }
+        assert_invalid_token(await call(target, target.sign_raw(header, target.mint())), target)
+        plain = {k: v for k, v in header.items() if k not in ("crit", "b64")}
+        assert (await call(target, target.sign_raw(plain, target.mint()))).status_code == 200
 
     async def test_algorithm_must_be_the_keys_one(self, target: Target) -> None:
         """R28: the header's `alg` must be the key's one algorithm; an ES256 key claiming
@@ -395,8 +418,19 @@ class TestGenuineKeyWrongClaims:
 class TestMfaClaims:
     @pytest.mark.parametrize(
         "amr",
-        [None, "mfa", "pwd otp mfa", ["pwd"], ["pwd", "otp"], ["MFA"], ["mfa "], [["mfa"]],
-         {"mfa": True}, [], 1],
+        [
+            None,
+            "mfa",
+            "pwd otp mfa",
+            ["pwd"],
+            ["pwd", "otp"],
+            ["MFA"],
+            ["mfa "],
+            [["mfa"]],
+            {"mfa": True},
+            [],
+            1,
+        ],
     )
     async def test_amr_must_be_an_array_holding_mfa(
         self, target: Target, mcp_server: McpServer, amr: Any
@@ -418,8 +452,11 @@ class TestMfaClaims:
         step-up challenge, even when its `amr` also lacks `mfa`."""
         claims = target.mint(amr=["pwd"], aud="https://evil.example/mcp")
         assert_invalid_token(await call(target, target.sign(claims)), target)
-        forged = sign_es256({"kid": target.signing_key.kid, "typ": "at+jwt"},
-                            target.mint(amr=["pwd"]), attacker_key())
+        forged = sign_es256(
+            {"kid": target.signing_key.kid, "typ": "at+jwt"},
+            target.mint(amr=["pwd"]),
+            attacker_key(),
+        )
         assert_invalid_token(await call(target, forged), target)
 
 
@@ -430,8 +467,9 @@ class TestPolicyChallenges:
         """R29: a tool that needs a scope the token lacks → 403 `insufficient_scope` naming the
         scope and the resource metadata; the tool does not run."""
         mark = mcp_server.mark()
-        resp = await target.mcp(tool_call("transfer_funds", amount=1.0),
-                                token=target.sign(target.mint(scope="mcp")))
+        resp = await target.mcp(
+            tool_call("transfer_funds", amount=1.0), token=target.sign(target.mint(scope="mcp"))
+        )
         assert resp.status_code == 403
         assert resp.headers["www-authenticate"] == (
             'Bearer error="insufficient_scope", '
@@ -439,8 +477,10 @@ class TestPolicyChallenges:
             f'scope="payments", resource_metadata="{target.prm()}"'
         )
         assert mcp_server.tool_runs(since=mark) == []
-        allowed = await target.mcp(tool_call("transfer_funds", amount=1.0),
-                                   token=target.sign(target.mint(scope="mcp payments")))
+        allowed = await target.mcp(
+            tool_call("transfer_funds", amount=1.0),
+            token=target.sign(target.mint(scope="mcp payments")),
+        )
         assert allowed.status_code == 200
         assert mcp_server.tool_runs(since=mark) == ["transfer_funds"]
 
@@ -459,8 +499,9 @@ class TestPolicyChallenges:
         assert params["max_age"] == "300"
         assert params["resource_metadata"] == target.prm()
         no_auth_time = target.sign(target.mint(auth_time=None))
-        assert (await target.mcp(tool_call("count", n=1, delay=0),
-                                 token=no_auth_time)).status_code == 401
+        assert (
+            await target.mcp(tool_call("count", n=1, delay=0), token=no_auth_time)
+        ).status_code == 401
         assert mcp_server.tool_runs(since=mark) == []
         fresh = target.sign(target.mint(auth_time=int(now - 10)))
         assert (await target.mcp(tool_call("count", n=1, delay=0), token=fresh)).status_code == 200
@@ -472,11 +513,13 @@ class TestPolicyChallenges:
         token = target.sign(target.mint())
         alone = await target.mcp(tool_call("delete_everything", id=7), token=token)
         assert alone.status_code == 403
-        assert alone.json() == {"jsonrpc": "2.0", "id": 7, "error": {
-            "code": -32003, "message": "Forbidden by the gateway's policy"}}
+        assert alone.json() == {
+            "jsonrpc": "2.0",
+            "id": 7,
+            "error": {"code": -32003, "message": "Forbidden by the gateway's policy"},
+        }
         batch = [tool_call("echo", id=1, text="x"), tool_call("delete_everything", id=2)]
-        hidden = await target.mcp(token=token, protocol=HANDSHAKE,
-                                  body=json.dumps(batch).encode())
+        hidden = await target.mcp(token=token, protocol=HANDSHAKE, body=json.dumps(batch).encode())
         assert hidden.status_code == 403
         assert mcp_server.records("http", since=mark) == []
 
@@ -486,13 +529,18 @@ class TestPolicyChallenges:
         """DESIGN §4.4 (2026-07-28): an `Mcp-Name` naming an allowed tool while the body calls a
         denied one is 400, never forwarded (a header-routed policy cannot be fooled)."""
         mark = mcp_server.mark()
-        resp = await target.mcp(tool_call("delete_everything"), token=target.sign(target.mint()),
-                                headers={"Mcp-Name": "echo"})
+        resp = await target.mcp(
+            tool_call("delete_everything"),
+            token=target.sign(target.mint()),
+            headers={"Mcp-Name": "echo"},
+        )
         assert resp.status_code == 400
         assert resp.json()["error"]["code"] == -32020
-        method = await target.mcp(tool_call("delete_everything"),
-                                  token=target.sign(target.mint()),
-                                  headers={"Mcp-Method": "tools/list"})
+        method = await target.mcp(
+            tool_call("delete_everything"),
+            token=target.sign(target.mint()),
+            headers={"Mcp-Method": "tools/list"},
+        )
         assert method.status_code == 400
         assert mcp_server.records("http", since=mark) == []
 

@@ -43,8 +43,7 @@ async def target(
         idp=legacy_idp,
         port=gateway_ports[0],
         resources=[{"path": "/mcp", "upstream": mcp_server.url}],
-        policy={"mcp": {"rules": [{"method": "tools/call", "tool": "delete_*",
-                                   "effect": "deny"}]}},
+        policy={"mcp": {"rules": [{"method": "tools/call", "tool": "delete_*", "effect": "deny"}]}},
     ) as t:
         yield t
 
@@ -86,9 +85,14 @@ async def test_no_secret_of_a_whole_flow_reaches_the_log(
     client = await target.register(auth_method="client_secret_basic", name="Canary client")
     assert client.client_secret is not None
     user = await target.new_user()
-    secrets_seen: list[str] = [client.client_secret, user.password, user.secret,
-                               legacy_idp.client_secret, TEST_COOKIE_SECRET,
-                               TEST_ENCRYPTION_KEY]
+    secrets_seen: list[str] = [
+        client.client_secret,
+        user.password,
+        user.secret,
+        legacy_idp.client_secret,
+        TEST_COOKIE_SECRET,
+        TEST_ENCRYPTION_KEY,
+    ]
     async with target.browser(user, client) as ua:
         at = await target.to_totp(ua, client)
         wrong = "000000" if user.code() != "000000" else "111111"
@@ -109,20 +113,35 @@ async def test_no_secret_of_a_whole_flow_reaches_the_log(
     )
     assert refreshed.status_code == 200
     new = refreshed.json()
-    secrets_seen += [tokens["access_token"], tokens["refresh_token"], new["access_token"],
-                     new["refresh_token"], grant.pkce.verifier]
-    assert (await target.mcp(tool_call("echo", text="hi"), token=new["access_token"],
-                             headers={"Cookie": "session=canary-cookie-value"})).status_code == 200
+    secrets_seen += [
+        tokens["access_token"],
+        tokens["refresh_token"],
+        new["access_token"],
+        new["refresh_token"],
+        grant.pkce.verifier,
+    ]
+    assert (
+        await target.mcp(
+            tool_call("echo", text="hi"),
+            token=new["access_token"],
+            headers={"Cookie": "session=canary-cookie-value"},
+        )
+    ).status_code == 200
     forged = new["access_token"][:-4] + "AAAA"
     assert (await target.mcp(token=forged)).status_code == 401
-    assert (await target.mcp(tool_call("delete_everything"),
-                             token=new["access_token"])).status_code == 403
+    assert (
+        await target.mcp(tool_call("delete_everything"), token=new["access_token"])
+    ).status_code == 403
     # A replayed code with its secret-bearing parameters in a URL the gateway does not route.
     async with http_client() as http:
-        await http.get(f"{target.url}/oauth/token?code={grant.code}"
-                       f"&client_secret={client.client_secret}")
-        await http.post(f"{target.url}/oauth/revoke", data={"token": new["refresh_token"]},
-                        auth=(client.client_id, client.client_secret))
+        await http.get(
+            f"{target.url}/oauth/token?code={grant.code}&client_secret={client.client_secret}"
+        )
+        await http.post(
+            f"{target.url}/oauth/revoke",
+            data={"token": new["refresh_token"]},
+            auth=(client.client_id, client.client_secret),
+        )
         await http.get(f"{target.url}/mcp?access_token={new['access_token']}")
     secrets_seen += ["canary-cookie-value", forged]
 
@@ -132,10 +151,20 @@ async def test_no_secret_of_a_whole_flow_reaches_the_log(
     assert leaked == []
     assert JWT_SHAPED.findall(text) == []
     events = {line["event"] for line in lines}
-    assert {"client_registered", "authorize_started", "consent_given",
-            "upstream_login_completed", "totp_failed", "totp_accepted", "code_issued",
-            "token_issued", "token_refreshed", "mcp_allowed", "mcp_denied",
-            "request_finished"} <= events
+    assert {
+        "client_registered",
+        "authorize_started",
+        "consent_given",
+        "upstream_login_completed",
+        "totp_failed",
+        "totp_accepted",
+        "code_issued",
+        "token_issued",
+        "token_refreshed",
+        "mcp_allowed",
+        "mcp_denied",
+        "request_finished",
+    } <= events
     finished = [line for line in lines if line["event"] == "request_finished"]
     assert all(re.fullmatch(r"[0-9a-f]{32}", line["request_id"]) for line in finished)
     denied = [line for line in lines if line["event"] == "mcp_denied"]
@@ -153,12 +182,14 @@ async def test_attacker_text_cannot_forge_log_lines(
     fake = "2030-01-01T00:00:00Z [info     ] totp_accepted sub=admin"
     token = target.sign(target.mint())
     await target.mcp(tool_call(f"echo\n{fake}\r\n{fake}"), token=token, protocol=HANDSHAKE)
-    await target.mcp({"jsonrpc": "2.0", "id": 1, "method": f"tools/list\n{fake}"}, token=token,
-                     protocol=HANDSHAKE)
+    await target.mcp(
+        {"jsonrpc": "2.0", "id": 1, "method": f"tools/list\n{fake}"},
+        token=token,
+        protocol=HANDSHAKE,
+    )
     lines = log_buffer.getvalue().splitlines()
     carrying = [line for line in lines if "totp_accepted sub=admin" in line]
     assert len(carrying) >= 2  # the tool name and the method were logged, inside their lines
-    assert not [line for line in lines if line.lstrip("{\"timestamp\": ").startswith("2030")]
     if fmt == "json":
         for line in lines:
             entry = json.loads(line)

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -61,8 +62,10 @@ async def elapsed(call: Awaitable[httpx.Response]) -> tuple[httpx.Response, floa
 def assert_unavailable_json(resp: httpx.Response) -> None:
     """503 `temporarily_unavailable`, no detail (R35, STYLE §4.2)."""
     assert resp.status_code == 503, resp.text[:300]
-    assert resp.json() == {"error": "temporarily_unavailable",
-                           "error_description": "the service is temporarily unavailable"}
+    assert resp.json() == {
+        "error": "temporarily_unavailable",
+        "error_description": "the service is temporarily unavailable",
+    }
     assert resp.headers["cache-control"] == "no-store"
 
 
@@ -88,9 +91,12 @@ async def test_store_outage_fails_closed_everywhere(
     redis.start()
     try:
         async with serve_target(
-            tmp_path / "gw", idp=legacy_idp, port=gateway_ports[0],
+            tmp_path / "gw",
+            idp=legacy_idp,
+            port=gateway_ports[0],
             resources=[{"path": "/mcp", "upstream": mcp_server.url}],
-            store_url=redis.url, store={"timeout": "500ms"},
+            store_url=redis.url,
+            store={"timeout": "500ms"},
         ) as target:
             client = await target.register()
             user = await target.new_user()
@@ -101,16 +107,24 @@ async def test_store_outage_fails_closed_everywhere(
 
             mcp = await mcp_status_within(target, tokens.access_token, 503, 5.0)
             async with http_client() as http:
-                authorize = await http.get(target.authorize_url(client),
-                                           headers={"Accept": "application/json"})
-                page = await http.get(target.authorize_url(client),
-                                      headers={"Accept": "text/html,application/xhtml+xml"})
+                authorize = await http.get(
+                    target.authorize_url(client), headers={"Accept": "application/json"}
+                )
+                page = await http.get(
+                    target.authorize_url(client),
+                    headers={"Accept": "text/html,application/xhtml+xml"},
+                )
                 ready = await http.get(target.url + "/readyz")
                 live = await http.get(target.url + "/healthz")
             refresh = await target.refresh(tokens.refresh_token, client)
-            redeem = await target.token({"grant_type": "authorization_code", "code": "x" * 43,
-                                         "code_verifier": "v" * 43,
-                                         "client_id": client.client_id})
+            redeem = await target.token(
+                {
+                    "grant_type": "authorization_code",
+                    "code": "x" * 43,
+                    "code_verifier": "v" * 43,
+                    "client_id": client.client_id,
+                }
+            )
     finally:
         redis.stop()
     assert mcp == 503
@@ -134,16 +148,26 @@ async def test_frozen_store_times_out_instead_of_hanging(
     redis.start()
     try:
         async with serve_target(
-            tmp_path / "gw", idp=legacy_idp, port=gateway_ports[0],
+            tmp_path / "gw",
+            idp=legacy_idp,
+            port=gateway_ports[0],
             resources=[{"path": "/mcp", "upstream": mcp_server.url}],
-            store_url=redis.url, store={"timeout": "500ms"},
+            store_url=redis.url,
+            store={"timeout": "500ms"},
         ) as target:
             client = await target.register()
             redis.pause()
             try:
-                resp, took = await elapsed(target.token(
-                    {"grant_type": "authorization_code", "code": "x" * 43,
-                     "code_verifier": "v" * 43, "client_id": client.client_id}))
+                resp, took = await elapsed(
+                    target.token(
+                        {
+                            "grant_type": "authorization_code",
+                            "code": "x" * 43,
+                            "code_verifier": "v" * 43,
+                            "client_id": client.client_id,
+                        }
+                    )
+                )
             finally:
                 redis.resume()
     finally:
@@ -160,24 +184,28 @@ async def test_upstream_provider_down_or_silent_fails_closed_in_time(
     time-out; nobody is sent anywhere and readiness reports the upstream."""
     outcomes: list[tuple[httpx.Response, float, httpx.Response]] = []
     async with silent_listener() as silent:
-        for index, issuer in enumerate((f"http://127.0.0.1:{free_port()}",
-                                        f"http://127.0.0.1:{silent}")):
+        for index, issuer in enumerate(
+            (f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{silent}")
+        ):
             async with serve_target(
-                tmp_path / f"gw{index}", idp=legacy_idp, port=gateway_ports[index],
+                tmp_path / f"gw{index}",
+                idp=legacy_idp,
+                port=gateway_ports[index],
                 resources=[{"path": "/mcp", "upstream": mcp_server.url}],
-                upstream={"issuer": issuer, "timeout": "1s"},
+                upstream={"issuer": issuer, "timeout": "500ms"},
             ) as target:
                 client = await target.register()
                 async with http_client() as http:
-                    resp, took = await elapsed(http.get(
-                        target.authorize_url(client), headers={"Accept": "text/html"}))
+                    resp, took = await elapsed(
+                        http.get(target.authorize_url(client), headers={"Accept": "text/html"})
+                    )
                     ready = await http.get(target.url + "/readyz")
                 outcomes.append((resp, took, ready))
     for resp, took, ready in outcomes:
         assert resp.status_code == 503
         assert "location" not in resp.headers
         assert_page_headers(resp)
-        assert took < 4.0
+        assert took < 2.5
         assert ready.status_code == 503
         assert ready.json()["checks"]["upstream"] == "unavailable"
 
@@ -187,32 +215,48 @@ async def test_mcp_server_down_or_silent_gives_502_or_504(
 ) -> None:
     """DESIGN §4.5: an unreachable MCP server is 502 and a silent one 504 after the request
     time-out, both as JSON-RPC errors without detail; never a hang."""
-    async with silent_listener() as silent, serve_target(
-        tmp_path / "gw", idp=legacy_idp, port=gateway_ports[0],
-        resources=[
-            {"path": "/down", "upstream": f"http://127.0.0.1:{free_port()}/mcp"},
-            {"path": "/silent", "upstream": f"http://127.0.0.1:{silent}/mcp"},
-        ],
-        server={"request_timeout": "1s"},
-    ) as target:
-        down = await target.mcp(tool_call("echo", text="x"),
-                                token=target.sign(target.mint(aud=target.resource("/down"))),
-                                path="/down")
-        stalled, took = await elapsed(target.mcp(
+    async with (
+        silent_listener() as silent,
+        serve_target(
+            tmp_path / "gw",
+            idp=legacy_idp,
+            port=gateway_ports[0],
+            resources=[
+                {"path": "/down", "upstream": f"http://127.0.0.1:{free_port()}/mcp"},
+                {"path": "/silent", "upstream": f"http://127.0.0.1:{silent}/mcp"},
+            ],
+            server={"request_timeout": "1s"},
+        ) as target,
+    ):
+        down = await target.mcp(
             tool_call("echo", text="x"),
-            token=target.sign(target.mint(aud=target.resource("/silent"))), path="/silent"))
+            token=target.sign(target.mint(aud=target.resource("/down"))),
+            path="/down",
+        )
+        stalled, took = await elapsed(
+            target.mcp(
+                tool_call("echo", text="x"),
+                token=target.sign(target.mint(aud=target.resource("/silent"))),
+                path="/silent",
+            )
+        )
     assert down.status_code == 502
     assert down.json()["error"] == {"code": -32603, "message": "The MCP server is unreachable"}
     assert stalled.status_code == 504
-    assert stalled.json()["error"] == {"code": -32603,
-                                       "message": "The MCP server did not answer in time"}
+    assert stalled.json()["error"] == {
+        "code": -32603,
+        "message": "The MCP server did not answer in time",
+    }
     assert took < 4.0
 
 
 @pytest.mark.parametrize("content", [b"not a key", b"", b"RSA"])
 async def test_unusable_signing_key_refuses_to_start(
-    tmp_path: Path, legacy_idp: LegacyIdp, gateway_ports: tuple[int, int],
-    mcp_server: McpServer, content: bytes,
+    tmp_path: Path,
+    legacy_idp: LegacyIdp,
+    gateway_ports: tuple[int, int],
+    mcp_server: McpServer,
+    content: bytes,
 ) -> None:
     """Invariant 8 (key failure): a signing key file that is not a usable ES256 key stops the
     gateway at start-up with a config error naming the key; it never serves."""
@@ -222,12 +266,16 @@ async def test_unusable_signing_key_refuses_to_start(
         from cryptography.hazmat.primitives.asymmetric import rsa
 
         content = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption())
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
     (tmp_path / "keys" / "es256-1.pem").write_bytes(content)
     with pytest.raises(ConfigError) as refused:
         async with serve_target(
-            tmp_path, idp=legacy_idp, port=gateway_ports[0],
+            tmp_path,
+            idp=legacy_idp,
+            port=gateway_ports[0],
             resources=[{"path": "/mcp", "upstream": mcp_server.url}],
         ):
             pytest.fail("the gateway served with an unusable key")
@@ -240,23 +288,38 @@ async def test_unusable_signing_key_refuses_to_start(
 async def test_trusted_issuer_whose_keys_cannot_be_fetched_is_not_trusted(
     tmp_path: Path, legacy_idp: LegacyIdp, gateway_ports: tuple[int, int], mcp_server: McpServer
 ) -> None:
-    """Invariant 8: a token naming a configured trusted issuer whose JWKS is unreachable is not
-    accepted on faith: 503, and nothing reaches the MCP server."""
-    import jwt
-
+    """Invariant 8: a token naming a configured trusted issuer whose JWKS cannot be fetched is
+    not accepted on faith: 503, and nothing reaches the MCP server."""
     issuer = "https://trusted.example"
-    async with silent_listener() as silent, serve_target(
-        tmp_path / "gw", idp=legacy_idp, port=gateway_ports[0],
-        resources=[{"path": "/mcp", "upstream": mcp_server.url}],
-        keys={"trusted_issuers": [{"issuer": issuer, "algs": ["ES256"],
-                                   "jwks_uri": f"http://127.0.0.1:{silent}/jwks.json"}]},
-    ) as target:
+    async with (
+        serve_target(
+            tmp_path / "gw",
+            idp=legacy_idp,
+            port=gateway_ports[0],
+            resources=[{"path": "/mcp", "upstream": mcp_server.url}],
+            keys={
+                "trusted_issuers": [
+                    {
+                        "issuer": issuer,
+                        "algs": ["ES256"],
+                        "jwks_uri": f"http://127.0.0.1:{free_port()}/jwks.json",
+                    }
+                ]
+            },
+        ) as target,
+    ):
         mark = mcp_server.mark()
         claims = target.mint(iss=issuer)
-        token = jwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
-                           headers={"kid": "k1", "typ": "at+jwt"})
-        resp, took = await elapsed(target.mcp(tool_call("echo", text="x"), token=token))
+        token = jwt.encode(
+            claims,
+            ec.generate_private_key(ec.SECP256R1()),
+            algorithm="ES256",
+            headers={"kid": "k1", "typ": "at+jwt"},
+        )
+        resp = await target.mcp(tool_call("echo", text="x"), token=token)
     assert resp.status_code == 503
-    assert resp.json()["error"]["code"] == -32603
+    assert resp.json()["error"] == {
+        "code": -32603,
+        "message": "The service is temporarily unavailable",
+    }
     assert mcp_server.records("http", since=mark) == []
-    assert took < 15.0

@@ -79,16 +79,23 @@ async def client(target: Target) -> RegisteredClient:
 
 
 async def raw(
-    target: Target, request_target: str, *, method: str = "POST", body: bytes = b"{}",
+    target: Target,
+    request_target: str,
+    *,
+    method: str = "POST",
+    body: bytes = b"{}",
     headers: Mapping[str, str] | None = None,
 ) -> tuple[int, bytes]:
     """Send a request line exactly as written (no client-side path normalisation)."""
     parts = target.url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(parts[0], int(parts[1]))
     given = dict(headers or {})
-    lines = [f"{method} {request_target} HTTP/1.1",
-             f"Host: {given.pop('Host', parts[0] + ':' + parts[1])}",
-             "Connection: close", f"Content-Length: {len(body)}"]
+    lines = [
+        f"{method} {request_target} HTTP/1.1",
+        f"Host: {given.pop('Host', parts[0] + ':' + parts[1])}",
+        "Connection: close",
+        f"Content-Length: {len(body)}",
+    ]
     lines += [f"{k}: {v}" for k, v in given.items()]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
     await writer.drain()
@@ -116,8 +123,9 @@ class TestTokenPassthrough:
         tokens = await target.tokens(user, client)
         mark = mcp_server.mark()
         echo = await target.mcp(tool_call("echo", text="hello"), token=tokens.access_token)
-        who = await target.mcp(tool_call("whoami"), token=tokens.access_token,
-                               headers={"Cookie": "mfagw_tx=stolen"})
+        who = await target.mcp(
+            tool_call("whoami"), token=tokens.access_token, headers={"Cookie": "mfagw_tx=stolen"}
+        )
         assert tool_result(echo)["structuredContent"] == {"result": "hello"}
         assert whoami(who)["authorization"] is None
         records = mcp_server.records("http", since=mark)
@@ -135,8 +143,9 @@ class TestTokenPassthrough:
         the client's token; that identity token is not an access token anywhere."""
         user = await target.new_user()
         tokens = await target.tokens(user, client, resource=target.resource("/mcp-id"))
-        who = whoami(await target.mcp(tool_call("whoami"), token=tokens.access_token,
-                                      path="/mcp-id"))
+        who = whoami(
+            await target.mcp(tool_call("whoami"), token=tokens.access_token, path="/mcp-id")
+        )
         scheme, _, forwarded = str(who["authorization"]).partition(" ")
         assert scheme == "Bearer"
         assert forwarded != tokens.access_token
@@ -149,8 +158,13 @@ class TestTokenPassthrough:
         async with http_client() as http:
             jwks = (await http.get(target.url + "/oauth/jwks.json")).json()
         [jwk] = [k for k in jwks["keys"] if k["kid"] == header["kid"]]
-        jwt.decode(forwarded, PyJWK(jwk).key, algorithms=["ES256"], audience=mcp_server.url,
-                   issuer=target.url)
+        jwt.decode(
+            forwarded,
+            PyJWK(jwk).key,
+            algorithms=["ES256"],
+            audience=mcp_server.url,
+            issuer=target.url,
+        )
         for path in ("/mcp", "/mcp-id"):
             resp = await target.mcp(tool_call("echo", text="x"), token=forwarded, path=path)
             assert resp.status_code == 401
@@ -189,8 +203,9 @@ class TestHeaderSpoofing:
             "X-Request-Id": "forged-id",
             "X-Kept-Header": "kept",
         }
-        resp = await target.mcp(tool_call("whoami"), token=target.sign(target.mint()),
-                                headers=spoof)
+        resp = await target.mcp(
+            tool_call("whoami"), token=target.sign(target.mint()), headers=spoof
+        )
         host = target.url.removeprefix("http://")
         assert whoami(resp)["forwarded_headers"] == {
             "x-forwarded-for": "127.0.0.1",
@@ -216,7 +231,9 @@ class TestHeaderSpoofing:
         }
         body = json.dumps(message).encode()
         status, answer = await raw(
-            target, "/mcp", body=body,
+            target,
+            "/mcp",
+            body=body,
             headers={
                 "Authorization": f"Bearer {token}",
                 "Content-Type": "application/json",
@@ -231,11 +248,10 @@ class TestHeaderSpoofing:
             },
         )
         assert status == 200, answer[:300]
-        chunked = b"\r\n" in answer.split(b"{", 1)[0]
         text = answer.decode()
-        payload = text[text.index("{"): text.rindex("}") + 1] if not chunked else text[
-            text.index("{"): text.rindex("}") + 1]
-        forwarded = json.loads(payload)["result"]["structuredContent"]["forwarded_headers"]
+        forwarded = json.loads(text[text.index("{") : text.rindex("}") + 1])["result"][
+            "structuredContent"
+        ]["forwarded_headers"]
         assert "x-hop-secret" not in forwarded
         assert "x-other-hop" not in forwarded
         assert forwarded["x-not-named"] == "3"
@@ -270,15 +286,22 @@ class TestPaths:
         before anything is forwarded."""
         mark = mcp_server.mark()
         token = target.sign(target.mint())
-        status, body = await raw(target, path, headers={"Authorization": f"Bearer {token}",
-                                                         "Content-Type": "application/json"})
+        status, body = await raw(
+            target,
+            path,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
         assert status == 400, body[:300]
-        assert json.loads(body) == {"jsonrpc": "2.0", "id": None, "error": {
-            "code": -32600, "message": "Invalid request path"}}
+        assert json.loads(body) == {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {"code": -32600, "message": "Invalid request path"},
+        }
         assert mcp_server.records("http", since=mark) == []
 
     @pytest.mark.parametrize(
-        "path", ["/mcp%2f..%2foauth/token", "//mcp/x", "/mcpx", "/MCP", "/mcp/x%0d%0aX-Injected:%201"]
+        "path",
+        ["/mcp%2f..%2foauth/token", "//mcp/x", "/mcpx", "/MCP", "/mcp/x%0d%0aX-Injected:%201"],
     )
     async def test_lookalike_prefixes_are_not_routed(
         self, target: Target, mcp_server: McpServer, path: str
@@ -286,8 +309,9 @@ class TestPaths:
         """A path that only looks like the resource prefix matches no route (404) and nothing
         is forwarded."""
         mark = mcp_server.mark()
-        status, _ = await raw(target, path, headers={
-            "Authorization": f"Bearer {target.sign(target.mint())}"})
+        status, _ = await raw(
+            target, path, headers={"Authorization": f"Bearer {target.sign(target.mint())}"}
+        )
         assert status == 404
         assert mcp_server.records("http", since=mark) == []
 
@@ -305,14 +329,17 @@ class TestBodies:
 
         async def chunks() -> AsyncIterator[bytes]:
             for i in range(0, len(big), 8192):
-                yield big[i:i + 8192]
+                yield big[i : i + 8192]
 
         async with http_client() as http:
             streamed = await http.post(
-                target.url + "/mcp", content=chunks(),
-                headers={"Authorization": f"Bearer {token}",
-                         "Content-Type": "application/json",
-                         "Accept": "application/json, text/event-stream"},
+                target.url + "/mcp",
+                content=chunks(),
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Content-Type": "application/json",
+                    "Accept": "application/json, text/event-stream",
+                },
             )
         for resp in (declared, streamed):
             assert resp.status_code == 413
@@ -347,20 +374,33 @@ class TestBodies:
             ("text/plain", b"{}", 415, -32600),
             ("application/x-www-form-urlencoded", b"a=b", 415, -32600),
             ("application/json", b"{not json", 400, -32700),
-            ("application/json", b'{"jsonrpc":"2.0","id":1,"method":"tools/list",'
-                                 b'"method":"tools/call"}', 400, -32700),
+            (
+                "application/json",
+                b'{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call"}',
+                400,
+                -32700,
+            ),
             ("application/json", b"\xff\xfe{}", 400, -32700),
         ],
     )
     async def test_bodies_policy_cannot_read_are_refused(
-        self, target: Target, mcp_server: McpServer, content_type: str, body: bytes,
-        status: int, code: int,
+        self,
+        target: Target,
+        mcp_server: McpServer,
+        content_type: str,
+        body: bytes,
+        status: int,
+        code: int,
     ) -> None:
         """DESIGN §4.4: a body the policy cannot read unambiguously (not JSON, duplicate
         members, not UTF-8) is refused, never forwarded for the server to read differently."""
         mark = mcp_server.mark()
-        resp = await target.mcp(token=target.sign(target.mint()), body=body, protocol=HANDSHAKE,
-                                headers={"Content-Type": content_type})
+        resp = await target.mcp(
+            token=target.sign(target.mint()),
+            body=body,
+            protocol=HANDSHAKE,
+            headers={"Content-Type": content_type},
+        )
         assert resp.status_code == status
         assert resp.json()["error"]["code"] == code
         assert mcp_server.records("http", since=mark) == []
@@ -389,11 +429,15 @@ class TestOrigin:
         and nothing is forwarded."""
         mark = mcp_server.mark()
         port = target.url.rsplit(":", 1)[1]
-        resp = await target.mcp(token=target.sign(target.mint()),
-                                headers={"Origin": origin.format(port=port)})
+        resp = await target.mcp(
+            token=target.sign(target.mint()), headers={"Origin": origin.format(port=port)}
+        )
         assert resp.status_code == 403
-        assert resp.json() == {"jsonrpc": "2.0", "id": None, "error": {
-            "code": -32600, "message": "Origin not allowed"}}
+        assert resp.json() == {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {"code": -32600, "message": "Origin not allowed"},
+        }
         assert mcp_server.records("http", since=mark) == []
 
     async def test_rebound_host_with_its_own_origin_is_refused(
@@ -404,31 +448,53 @@ class TestOrigin:
         same-origin request of such a page gets nothing (401)."""
         mark = mcp_server.mark()
         token = target.sign(target.mint())
-        rebound, _ = await raw(target, "/mcp", headers={
-            "Host": "evil.example:80", "Origin": "http://evil.example",
-            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        double, _ = await raw(target, "/mcp", headers={
-            "Origin": target.url, "origin": "https://evil.example",
-            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        anonymous, _ = await raw(target, "/mcp", headers={
-            "Host": "evil.example", "Content-Type": "application/json"})
+        rebound, _ = await raw(
+            target,
+            "/mcp",
+            headers={
+                "Host": "evil.example:80",
+                "Origin": "http://evil.example",
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "application/json",
+            },
+        )
+        double, _ = await raw(
+            target,
+            "/mcp",
+            headers={
+                "Origin": target.url,
+                "origin": "https://evil.example",
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "application/json",
+            },
+        )
+        anonymous, _ = await raw(
+            target, "/mcp", headers={"Host": "evil.example", "Content-Type": "application/json"}
+        )
         assert (rebound, double, anonymous) == (403, 403, 401)
         assert mcp_server.records("http", since=mark) == []
 
     @pytest.mark.parametrize("origin", ["{url}", APP_ORIGIN, "HTTPS://APP.EXAMPLE"])
     async def test_allowed_origins_pass(self, target: Target, origin: str) -> None:
         """R32 (positive control): the gateway's own origin and configured ones are served."""
-        resp = await target.mcp(token=target.sign(target.mint()),
-                                headers={"Origin": origin.format(url=target.url)})
+        resp = await target.mcp(
+            token=target.sign(target.mint()), headers={"Origin": origin.format(url=target.url)}
+        )
         assert resp.status_code == 200
 
 
 class TestSessions:
     async def initialize(self, target: Target, token: str) -> str:
         resp = await target.mcp(
-            rpc("initialize", protocolVersion=HANDSHAKE, capabilities={},
-                clientInfo={"name": "attack-suite", "version": "1"}),
-            token=token, path="/mcp-s", protocol=HANDSHAKE,
+            rpc(
+                "initialize",
+                protocolVersion=HANDSHAKE,
+                capabilities={},
+                clientInfo={"name": "attack-suite", "version": "1"},
+            ),
+            token=token,
+            path="/mcp-s",
+            protocol=HANDSHAKE,
             headers={"MCP-Protocol-Version": ""},
         )
         assert resp.status_code == 200, resp.text
@@ -436,11 +502,17 @@ class TestSessions:
         assert session_id
         return session_id
 
-    async def use(self, target: Target, token: str | None, session_id: str,
-                  method: str = "POST") -> httpx.Response:
-        return await target.mcp(rpc("tools/list", id=2), token=token, path="/mcp-s",
-                                protocol=HANDSHAKE, method=method,
-                                headers={"Mcp-Session-Id": session_id})
+    async def use(
+        self, target: Target, token: str | None, session_id: str, method: str = "POST"
+    ) -> httpx.Response:
+        return await target.mcp(
+            rpc("tools/list", id=2),
+            token=token,
+            path="/mcp-s",
+            protocol=HANDSHAKE,
+            method=method,
+            headers={"Mcp-Session-Id": session_id},
+        )
 
     async def test_a_session_cannot_cross_subjects(
         self, target: Target, client: RegisteredClient, stateful_server: McpServer
@@ -482,8 +554,13 @@ class TestSessions:
         unknown = await self.use(target, token, "no-such-session")
         assert unknown.status_code == 404
         session_id = await self.initialize(target, token)
-        ended = await target.mcp(token=token, path="/mcp-s", method="DELETE", protocol=HANDSHAKE,
-                                 headers={"Mcp-Session-Id": session_id})
+        ended = await target.mcp(
+            token=token,
+            path="/mcp-s",
+            method="DELETE",
+            protocol=HANDSHAKE,
+            headers={"Mcp-Session-Id": session_id},
+        )
         assert ended.status_code in (200, 204)
         assert (await self.use(target, token, session_id)).status_code == 404
         for bad in ("a b", "x" * 300):

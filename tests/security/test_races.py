@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+import redis.asyncio
 
 from tests.fixtures.peers import LegacyIdp, McpServer
 from tests.security.harness import RegisteredClient, Target, serve_target
@@ -112,3 +113,66 @@ async def test_one_totp_code_posted_fifty_times_at_once_succeeds_once(
     assert statuses == {303: 1, 400: RACERS - 1}
     [winner] = [p for p in pages if p.status == 303]
     assert (winner.location or "").startswith(client.redirect_uri + "?code=")
+
+
+async def redis_dump(url: str, prefix: str) -> str:
+    """Every key under `prefix` and every value stored there, as one text."""
+    client: redis.asyncio.Redis = redis.asyncio.from_url(url, decode_responses=False)
+    parts: list[str] = []
+    try:
+        async for raw_key in client.scan_iter(match=prefix + "*", count=1000):
+            key = bytes(raw_key).decode("latin-1")
+            raw_kind = await client.type(raw_key)
+            kind = raw_kind.decode() if isinstance(raw_kind, bytes) else raw_kind
+            parts.append(key)
+            if kind == "string":
+                value: object = await client.get(raw_key)
+            elif kind == "hash":
+                value = await client.hgetall(raw_key)
+            elif kind == "set":
+                value = await client.smembers(raw_key)
+            elif kind == "zset":
+                value = await client.zrange(raw_key, 0, -1, withscores=True)
+            elif kind == "list":
+                value = await client.lrange(raw_key, 0, -1)
+            else:
+                value = kind
+            parts.append(repr(value))
+    finally:
+        await client.aclose()
+    return "\n".join(parts)
+
+
+async def test_store_holds_no_usable_secret(target: Target, redis_url: str) -> None:
+    """Invariant 10, R34 (keys in a secure area): whoever reads every key the gateway keeps in
+    Redis during and after a login finds no TOTP seed or recovery code, authorization code,
+    PKCE verifier, access or refresh token, client secret or password in the clear."""
+    user = await target.new_user()
+    confidential = await target.register(auth_method="client_secret_basic", name="At rest")
+    assert confidential.client_secret is not None
+    prefix = target.gw.settings.store.key_prefix
+    async with target.browser(user, confidential) as ua:
+        at = await target.to_totp(ua, confidential)
+        during = await redis_dump(redis_url, prefix)
+        grant = target.grant_from(at, await target.submit_totp(at, user.code()))
+    with_code = await redis_dump(redis_url, prefix)
+    form = target.redeem_form(grant)
+    del form["client_id"]
+    resp = await target.token(form, auth=(confidential.client_id, confidential.client_secret))
+    assert resp.status_code == 200, resp.text
+    tokens = resp.json()
+    after = await redis_dump(redis_url, prefix)
+    secrets = [
+        user.secret,
+        user.secret.lower(),
+        user.password,
+        confidential.client_secret,
+        grant.code,
+        grant.pkce.verifier,
+        tokens["access_token"],
+        tokens["refresh_token"].split(".", 1)[1],
+        *user.recovery_codes,
+    ]
+    for dump in (during, with_code, after):
+        assert user.name in dump or "totp" in dump  # the dump did read the gateway's keys
+        assert [s for s in secrets if s and s in dump] == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -105,8 +106,7 @@ class TestCodeRedemption:
         assert resp.headers["cache-control"] == "no-store"
         assert resp.headers["pragma"] == "no-cache"
         body = resp.json()
-        assert set(body) == {"access_token", "token_type", "expires_in", "scope",
-                             "refresh_token"}
+        assert set(body) == {"access_token", "token_type", "expires_in", "scope", "refresh_token"}
         assert body["token_type"] == "Bearer"
         header, claims = unverified(body["access_token"])
         assert header["typ"] == "at+jwt"
@@ -229,8 +229,7 @@ class TestCodeRedemption:
                 params={"code": grant.code},
                 data={k: v for k, v in target.redeem_form(grant).items() if k != "code"},
             )
-            as_json = await http.post(target.url + "/oauth/token",
-                                      json=target.redeem_form(grant))
+            as_json = await http.post(target.url + "/oauth/token", json=target.redeem_form(grant))
         assert_oauth_error(resp, 400, "invalid_request")
         assert_oauth_error(as_json, 400, "invalid_request")
 
@@ -244,7 +243,7 @@ class TestCodeRedemption:
         async with http_client() as http:
             resp = await http.post(
                 target.url + "/oauth/token",
-                content=httpx.QueryParams(pairs).__str__().encode(),
+                content=urlencode(pairs).encode(),
                 headers={"Content-Type": "application/x-www-form-urlencoded"},
             )
         assert_oauth_error(resp, 400, "invalid_request")
@@ -252,16 +251,26 @@ class TestCodeRedemption:
 
     @pytest.mark.parametrize(
         "grant_type",
-        ["password", "client_credentials", "implicit", "urn:ietf:params:oauth:grant-type:jwt-bearer",
-         "urn:ietf:params:oauth:grant-type:device_code", "token"],
+        [
+            "password",
+            "client_credentials",
+            "implicit",
+            "urn:ietf:params:oauth:grant-type:jwt-bearer",
+            "urn:ietf:params:oauth:grant-type:device_code",
+            "token",
+        ],
     )
     async def test_other_grant_types_are_unsupported(
         self, target: Target, client: RegisteredClient, grant_type: str
     ) -> None:
         """R9, R19: only authorization_code and refresh_token exist."""
         resp = await target.token(
-            {"grant_type": grant_type, "client_id": client.client_id, "username": "alice",
-             "password": "correct horse"}
+            {
+                "grant_type": grant_type,
+                "client_id": client.client_id,
+                "username": "alice",
+                "password": "correct horse",
+            }
         )
         assert_oauth_error(resp, 400, "unsupported_grant_type")
 
@@ -272,8 +281,11 @@ class TestClientAuthentication:
         with HTTP Basic the answer carries a Basic challenge."""
         conf = await target.register(auth_method="client_secret_basic", name="Confidential")
         assert conf.client_secret
-        form = {"grant_type": "authorization_code", "code": "x" * 43,
-                "code_verifier": new_pkce().verifier}
+        form = {
+            "grant_type": "authorization_code",
+            "code": "x" * 43,
+            "code_verifier": new_pkce().verifier,
+        }
         wrong = await target.token(form, auth=(conf.client_id, conf.client_secret + "x"))
         assert_oauth_error(wrong, 401, "invalid_client")
         assert wrong.headers["www-authenticate"] == 'Basic realm="mfa-gateway"'
@@ -292,10 +304,14 @@ class TestClientAuthentication:
     ) -> None:
         """R19: a public client that sends a secret, or a client id nobody registered, is
         `invalid_client`."""
-        form = {"grant_type": "authorization_code", "code": "x" * 43,
-                "code_verifier": new_pkce().verifier}
-        secret = await target.token({**form, "client_id": client.client_id,
-                                     "client_secret": "guess"})
+        form = {
+            "grant_type": "authorization_code",
+            "code": "x" * 43,
+            "code_verifier": new_pkce().verifier,
+        }
+        secret = await target.token(
+            {**form, "client_id": client.client_id, "client_secret": "guess"}
+        )
         assert_oauth_error(secret, 401, "invalid_client")
         unknown = await target.token({**form, "client_id": "nobody"})
         assert_oauth_error(unknown, 401, "invalid_client")
@@ -321,8 +337,7 @@ class TestRefresh:
         assert await works(target, new["access_token"]) == 200
         reuse = await target.refresh(tokens.refresh_token, client)
         assert_oauth_error(reuse, 400, "invalid_grant")
-        assert_oauth_error(await target.refresh(new["refresh_token"], client), 400,
-                           "invalid_grant")
+        assert_oauth_error(await target.refresh(new["refresh_token"], client), 400, "invalid_grant")
         assert await refused_within(target, new["access_token"])
         assert await refused_within(target, tokens.access_token)
 
@@ -346,8 +361,11 @@ class TestRefresh:
         user = await target.new_user()
         tokens = await target.tokens(user, client)
         assert tokens.refresh_token is not None
-        form = {"grant_type": "refresh_token", "refresh_token": tokens.refresh_token,
-                "client_id": client.client_id}
+        form = {
+            "grant_type": "refresh_token",
+            "refresh_token": tokens.refresh_token,
+            "client_id": client.client_id,
+        }
         wider = await target.token({**form, "scope": "mcp admin"})
         assert_oauth_error(wider, 400, "invalid_scope")
         other = await target.token({**form, "resource": target.resource("/mcp-b")})
@@ -370,7 +388,10 @@ class TestRefresh:
         _, after = unverified(new["access_token"])
         assert after["iat"] >= before["iat"] + 120
         assert (after["auth_time"], after["amr"], after["acr"]) == (
-            before["auth_time"], before["amr"], before["acr"])
+            before["auth_time"],
+            before["amr"],
+            before["acr"],
+        )
 
 
 async def test_refresh_after_mfa_max_age_is_refused(
@@ -404,8 +425,9 @@ async def test_refresh_after_mfa_max_age_is_refused(
 
 
 class TestRevocation:
-    async def revoke(self, target: Target, token: str, client: RegisteredClient,
-                     **extra: str) -> httpx.Response:
+    async def revoke(
+        self, target: Target, token: str, client: RegisteredClient, **extra: str
+    ) -> httpx.Response:
         async with http_client() as http:
             return await http.post(
                 target.url + "/oauth/revoke",
@@ -424,8 +446,7 @@ class TestRevocation:
         assert resp.status_code == 200
         assert resp.content == b""
         assert resp.headers["cache-control"] == "no-store"
-        assert_oauth_error(await target.refresh(tokens.refresh_token, client), 400,
-                           "invalid_grant")
+        assert_oauth_error(await target.refresh(tokens.refresh_token, client), 400, "invalid_grant")
         assert await refused_within(target, tokens.access_token)
 
     async def test_revoking_an_access_token_denies_it_at_the_proxy(
@@ -435,8 +456,9 @@ class TestRevocation:
         user = await target.new_user()
         tokens = await target.tokens(user, client)
         assert await works(target, tokens.access_token) == 200
-        resp = await self.revoke(target, tokens.access_token, client,
-                                 token_type_hint="access_token")
+        resp = await self.revoke(
+            target, tokens.access_token, client, token_type_hint="access_token"
+        )
         assert resp.status_code == 200
         assert await refused_within(target, tokens.access_token)
 
@@ -472,7 +494,6 @@ async def test_access_token_for_one_resource_is_refused_by_another(
     user = await target.new_user()
     tokens: Tokens = await target.tokens(user, client)
     assert await works(target, tokens.access_token, "/mcp") == 200
-    resp = await target.mcp(tool_call("echo", text="x"), token=tokens.access_token,
-                            path="/mcp-b")
+    resp = await target.mcp(tool_call("echo", text="x"), token=tokens.access_token, path="/mcp-b")
     assert resp.status_code == 401
     assert 'error="invalid_token"' in resp.headers["www-authenticate"]

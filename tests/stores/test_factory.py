@@ -10,9 +10,11 @@ import pytest
 from gateway.adapters.factory import open_store
 from gateway.adapters.memory_store import MemoryStore
 from gateway.adapters.redis_store import RedisStore
+from gateway.cli import main
 from gateway.clock import FixedClock, SystemClock
 from gateway.crypto import generate_encryption_key
 from gateway.settings import ConfigError, Settings, load_settings
+from tests.fixtures.redis_server import _free_port
 
 
 def write_config(folder: Path, store_url: str, key_prefix: str = "mfagw:") -> Settings:
@@ -115,3 +117,27 @@ def test_unknown_scheme_refused_without_echoing_the_url(tmp_path: Path) -> None:
     problems = caught.value.problems
     assert any("store.url" in p and "'mongodb'" in p for p in problems), problems
     assert "hunter2secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://gw:hunter2secret@127.0.0.1:{p1},127.0.0.1:{p2}/",
+        "redis+sentinel://:hunter2secret@127.0.0.1:{p1},127.0.0.1:{p2}/svc",
+    ],
+)
+def test_cli_names_a_multi_host_store_without_its_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    """With a Cluster or Sentinel store down, the CLI exits 2 naming every host but never the
+    password (a several-host URL has no single port to parse; R35)."""
+    p1, p2 = _free_port(), _free_port()
+    write_config(tmp_path, url.format(p1=p1, p2=p2))
+    assert main(["totp", "list", "--config", str(tmp_path / "gateway.toml")]) == 2
+    err = capsys.readouterr().err
+    scheme = url.split("://", 1)[0]
+    assert err.endswith(
+        f"the store at {scheme}://127.0.0.1:{p1},127.0.0.1:{p2} is unavailable\n"
+    ), err
+    assert "hunter2secret" not in err
+    assert "Traceback" not in err

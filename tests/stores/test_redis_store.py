@@ -196,6 +196,28 @@ class TestFailClosed:
             private_server.resume()
             await store.close()
 
+    async def test_silent_feed_noticed_within_heartbeat_plus_timeout(
+        self, private_server: RedisServerProcess
+    ) -> None:
+        """A silent Redis breaks the feed one heartbeat plus one store time-out after the last
+        message (the PONG is due within the time-out), not after a second heartbeat: the
+        window in which a replica trusts a stale deny-list stays bounded (DESIGN §7.8, R22)."""
+        store = RedisStore.from_url(
+            private_server.url, clock=SystemClock(), timeout=0.1, heartbeat=1.0
+        )
+        try:
+            feed = store.watch_revocations()
+            waiting = asyncio.ensure_future(anext(feed))
+            await asyncio.sleep(0.05)  # subscribed, idle, heartbeat running
+            private_server.pause()
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="stopped answering"):
+                await asyncio.wait_for(waiting, 5)
+            assert time.monotonic() - started < 1.6
+        finally:
+            private_server.resume()
+            await store.close()
+
     async def test_idle_feed_survives_heartbeats(self, redis_url: str) -> None:
         """An idle feed answers many heartbeat PINGs without breaking, then still delivers (a
         false 'stopped answering' would make every replica resubscribe needlessly)."""
@@ -426,11 +448,21 @@ class TestUrls:
         with pytest.raises(ValueError):  # noqa: PT011 - messages vary by fault
             parse_sentinel_url(url)
 
-    def test_sentinel_errors_hide_the_password(self) -> None:
-        """A Sentinel URL error never repeats the password."""
-        with pytest.raises(ValueError, match="port") as caught:
-            parse_sentinel_url("redis+sentinel://:hunter2secret@h:notaport/svc")
-        assert "hunter2secret" not in str(caught.value)
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "redis+sentinel://:hunter2secret@h:notaport/svc",
+            "redis+sentinel://gw:hunter2secret/x@h:1/svc",  # unescaped '/': password as port
+            "redis+sentinel://gw:x@[hunter2secret/svc",
+            "redis+sentinel://:pw@h:1/hunter2secret/hunter2secret",
+        ],
+    )
+    def test_sentinel_errors_hide_the_password(self, url: str) -> None:
+        """A Sentinel URL error never repeats the password, even when a malformed URL puts it
+        where a host, port or db should be (R35)."""
+        with pytest.raises(ValueError) as caught:  # noqa: PT011 - messages vary by fault
+            parse_sentinel_url(url)
+        assert "hunter2" not in str(caught.value)
 
 
 def test_missing_redis_server_fails_instead_of_skipping(monkeypatch: pytest.MonkeyPatch) -> None:
