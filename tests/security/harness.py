@@ -67,9 +67,11 @@ class OffsetClock:
         self.offset = 0.0
 
     def now(self) -> float:
+        """Seconds since the epoch, shifted."""
         return SystemClock().now() + self.offset
 
     def advance(self, seconds: float) -> None:
+        """Move this clock `seconds` forward."""
         self.offset += seconds
 
 

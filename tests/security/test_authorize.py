@@ -39,6 +39,7 @@ async def target(
     gateway_ports: tuple[int, int],
     mcp_server: McpServer,
 ) -> AsyncIterator[Target]:
+    """The module's gateway: two resources in front of the SDK MCP server."""
     async with serve_target(
         tmp_path_factory.mktemp("authorize"),
         idp=legacy_idp,
@@ -58,6 +59,7 @@ async def client(target: Target) -> RegisteredClient:
 
 
 async def get(url: str, **headers: str) -> httpx.Response:
+    """GET `url` without following redirects."""
     async with http_client() as http:
         return await http.get(url, headers=headers)
 
@@ -552,6 +554,7 @@ class TestDiscovery:
 
 class TestRegistration:
     async def register_raw(self, target: Target, body: object) -> httpx.Response:
+        """POST `body` as JSON to the registration endpoint."""
         async with http_client() as http:
             return await http.post(target.url + "/oauth/register", json=body)
 

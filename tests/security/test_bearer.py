@@ -54,6 +54,7 @@ async def target(
     gateway_ports: tuple[int, int],
     mcp_server: McpServer,
 ) -> AsyncIterator[Target]:
+    """The module's gateway, with policy rules to trigger each challenge."""
     async with serve_target(
         tmp_path_factory.mktemp("bearer"),
         idp=legacy_idp,
@@ -85,12 +86,14 @@ async def target(
 
 
 def attacker_key() -> ec.EllipticCurvePrivateKey:
+    """A P-256 key the gateway has never seen."""
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def sign_es256(
     header: dict[str, Any], claims: dict[str, Any], key: ec.EllipticCurvePrivateKey
 ) -> str:
+    """An ES256 JWS with exactly `header`'s extra members."""
     return jwt.encode(claims, key, algorithm="ES256", headers=header)
 
 
@@ -113,6 +116,7 @@ def hs256(header: dict[str, Any], claims: dict[str, Any], secret: bytes) -> str:
 
 
 def unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
+    """An `alg: none` style token: header and payload, empty signature."""
     return f"{b64json(header)}.{b64json(claims)}."
 
 
@@ -138,6 +142,7 @@ def assert_mfa_challenge(resp: httpx.Response, target: Target) -> None:
 
 
 async def call(target: Target, token: str | None, **kw: Any) -> httpx.Response:
+    """A `tools/call` of `echo` with this bearer token."""
     return await target.mcp(tool_call("echo", text="hi"), token=token, **kw)
 
 

@@ -36,6 +36,7 @@ GENERIC = "That code was not accepted."
 
 
 def resources(mcp: McpServer) -> list[dict[str, str]]:
+    """One resource in front of the SDK MCP server."""
     return [{"path": "/mcp", "upstream": mcp.url, "name": "Demo MCP"}]
 
 
@@ -46,6 +47,7 @@ async def target(
     gateway_ports: tuple[int, int],
     mcp_server: McpServer,
 ) -> AsyncIterator[Target]:
+    """The module's gateway (per-IP limit raised, per-user limit 5)."""
     async with serve_target(
         tmp_path_factory.mktemp("browser"),
         idp=legacy_idp,
@@ -58,10 +60,12 @@ async def target(
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def client(target: Target) -> RegisteredClient:
+    """A public client registered for the module."""
     return await target.register(name="Browser-suite client")
 
 
 def goes_to_client(page: Page, client: RegisteredClient) -> bool:
+    """True if `page` redirects to the client's redirect URI."""
     return (page.location or "").startswith(client.redirect_uri)
 
 
@@ -75,6 +79,7 @@ def stops_before(prefix: str) -> Callable[[Page], bool]:
 
 
 async def consent_page(target: Target, ua: UserAgent, client: RegisteredClient) -> Page:
+    """Open the consent page of a new authorization in `ua`."""
     page = await ua.get(target.authorize_url(client))
     assert page.status == 200, page.html[:300]
     return page

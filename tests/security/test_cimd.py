@@ -40,6 +40,7 @@ NON_PUBLIC = "the host resolves to a non-public address"
 
 
 def resources(mcp: McpServer) -> list[dict[str, str]]:
+    """One resource in front of the SDK MCP server."""
     return [{"path": "/mcp", "upstream": mcp.url}]
 
 
@@ -96,6 +97,8 @@ class Listener:
     server: asyncio.Server | None = None
 
     async def start(self) -> Listener:
+        """Listen (on a free port unless one was given)."""
+
         async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.connections += 1
             writer.close()
@@ -105,12 +108,14 @@ class Listener:
         return self
 
     async def stop(self) -> None:
+        """Stop listening."""
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
 
 
 def ipv6_loopback() -> bool:
+    """True if this machine can listen on `::1`."""
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
             sock.bind(("::1", 0))
@@ -121,12 +126,14 @@ def ipv6_loopback() -> bool:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def listener4() -> AsyncIterator[Listener]:
+    """A connection-counting listener on 127.0.0.1 for the module."""
     listener = await Listener("127.0.0.1").start()
     yield listener
     await listener.stop()
 
 
 async def authorize(target: Target, client_id: str) -> httpx.Response:
+    """Start an authorization for the client id `client_id`."""
     client = RegisteredClient(client_id, REDIRECT_URI)
     async with http_client() as http:
         return await http.get(target.authorize_url(client))
@@ -141,6 +148,7 @@ def assert_unknown_client(resp: httpx.Response) -> None:
 
 
 def refusal_reasons(logs: list[MutableMapping[str, Any]]) -> list[object]:
+    """The reasons of the `client_metadata_refused` events captured."""
     return [e.get("reason") for e in logs if e.get("event") == "client_metadata_refused"]
 
 
@@ -289,9 +297,11 @@ class DocServer:
     flaky_failures: int = 1
 
     def url(self, path: str) -> str:
+        """The document URL of `path` on this server."""
         return self.base + path
 
     def document(self, path: str, **extra: object) -> dict[str, object]:
+        """A valid client metadata document for `path` (with `extra`)."""
         doc: dict[str, object] = {
             "client_id": self.url(path),
             "client_name": "CIMD client " + path.strip("/"),
@@ -302,6 +312,7 @@ class DocServer:
         return doc
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer per path (see each branch) and record the request."""
         path = request.path
         self.hits.append(path)
         if path == "/good.json":
@@ -348,6 +359,7 @@ class DocServer:
 
 @pytest.fixture(scope="module")
 def doc_server_port() -> int:
+    """A free loopback port for the document server."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -355,6 +367,7 @@ def doc_server_port() -> int:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def docs(doc_server_port: int) -> AsyncIterator[DocServer]:
+    """The client's document server on plain-http loopback."""
     server = DocServer(base=f"http://127.0.0.1:{doc_server_port}")
     app = web.Application()
     app.router.add_get("/{tail:.*}", server.handle)

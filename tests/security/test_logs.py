@@ -38,6 +38,7 @@ async def target(
     gateway_ports: tuple[int, int],
     mcp_server: McpServer,
 ) -> AsyncIterator[Target]:
+    """The module's gateway, with a deny rule to produce `mcp_denied`."""
     async with serve_target(
         tmp_path_factory.mktemp("logs"),
         idp=legacy_idp,

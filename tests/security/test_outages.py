@@ -70,6 +70,7 @@ def assert_unavailable_json(resp: httpx.Response) -> None:
 
 
 async def mcp_status_within(target: Target, token: str, status: int, seconds: float) -> int:
+    """Poll the proxy until it answers `status` (or time runs out); the last status."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     seen = 0

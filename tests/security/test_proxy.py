@@ -58,6 +58,7 @@ async def target(
     mcp_server: McpServer,
     stateful_server: McpServer,
 ) -> AsyncIterator[Target]:
+    """The module's gateway: a stateless, a stateful and an identity-mode resource."""
     async with serve_target(
         tmp_path_factory.mktemp("proxy"),
         idp=legacy_idp,
@@ -75,6 +76,7 @@ async def target(
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def client(target: Target) -> RegisteredClient:
+    """A public client registered for the module."""
     return await target.register(name="Proxy-suite client")
 
 
@@ -106,6 +108,7 @@ async def raw(
 
 
 def whoami(resp: httpx.Response) -> dict[str, Any]:
+    """What the demo server's `whoami` tool says it received."""
     result = tool_result(resp)
     content = result["structuredContent"]
     assert isinstance(content, dict)
@@ -485,6 +488,7 @@ class TestOrigin:
 
 class TestSessions:
     async def initialize(self, target: Target, token: str) -> str:
+        """Open a session on `/mcp-s` (handshake era); its id."""
         resp = await target.mcp(
             rpc(
                 "initialize",
@@ -505,6 +509,7 @@ class TestSessions:
     async def use(
         self, target: Target, token: str | None, session_id: str, method: str = "POST"
     ) -> httpx.Response:
+        """A `tools/list` in session `session_id` with `method`."""
         return await target.mcp(
             rpc("tools/list", id=2),
             token=token,

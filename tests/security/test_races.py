@@ -32,6 +32,7 @@ async def target(
     mcp_server: McpServer,
     redis_url: str,
 ) -> AsyncIterator[Target]:
+    """The module's gateway on the real Redis (lockout out of the way)."""
     async with serve_target(
         tmp_path_factory.mktemp("races"),
         idp=legacy_idp,
@@ -46,6 +47,7 @@ async def target(
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def client(target: Target) -> RegisteredClient:
+    """A public client registered for the module."""
     return await target.register(name="Race client")
 
 

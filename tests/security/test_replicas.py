@@ -49,6 +49,7 @@ async def replicas(
 
 
 def wrong_code(user: User) -> str:
+    """A 6-digit code none of the acceptable time steps has."""
     valid = {user.code(s) for s in (-1, 0, 1)}
     return next(c for c in ("000000", "111111", "222222") if c not in valid)
 

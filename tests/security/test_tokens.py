@@ -35,6 +35,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 def resources(mcp: McpServer) -> list[dict[str, str]]:
+    """Two resources in front of the same SDK MCP server."""
     return [
         {"path": "/mcp", "upstream": mcp.url, "name": "Demo MCP"},
         {"path": "/mcp-b", "upstream": mcp.url},
@@ -48,6 +49,7 @@ async def target(
     gateway_ports: tuple[int, int],
     mcp_server: McpServer,
 ) -> AsyncIterator[Target]:
+    """The module's gateway, on a clock the tests can move forward."""
     async with serve_target(
         tmp_path_factory.mktemp("tokens"),
         idp=legacy_idp,
@@ -60,6 +62,7 @@ async def target(
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def client(target: Target) -> RegisteredClient:
+    """A public client registered for the module."""
     return await target.register(name="Token-suite client")
 
 
@@ -428,6 +431,7 @@ class TestRevocation:
     async def revoke(
         self, target: Target, token: str, client: RegisteredClient, **extra: str
     ) -> httpx.Response:
+        """POST `token` to the revocation endpoint as `client`."""
         async with http_client() as http:
             return await http.post(
                 target.url + "/oauth/revoke",
