@@ -4,8 +4,9 @@
 once subscribed, then each new revocation from any process or replica). A subscription is trusted
 only once it has proved itself live: the set revokes a random probe id (prefix `mfagw-probe:`,
 never a real `jti`, expiring after a minute) and waits for it to come back through the feed.
-`store.revoked_snapshot()` is read again every `resync_interval`, which also proves the store
-still answers. While the feed is down
+While the feed is quiet the store is asked a cheap question every `liveness_interval` (so a
+silent store is noticed within that interval plus the store's time-out) and the whole
+`store.revoked_snapshot()` is read again every `resync_interval`. While the feed is down
 the set reports `current = False` and `check()` raises `TemporarilyUnavailable`, so the proxy
 fails closed with 503 instead of accepting a token that might have been revoked (DESIGN §7.8).
 Entries leave the set when the token would have expired anyway.
@@ -38,7 +39,8 @@ class RevocationSet:
         store: RevocationStore,
         clock: Clock,
         *,
-        resync_interval: float = 30.0,
+        liveness_interval: float = 5.0,
+        resync_interval: float = 60.0,
         retry_min: float = 0.05,
         retry_max: float = 2.0,
         prune_every: int = 1024,
@@ -47,6 +49,7 @@ class RevocationSet:
     ) -> None:
         self._store = store
         self._clock = clock
+        self._liveness_interval = liveness_interval
         self._resync_interval = resync_interval
         self._retry_min = retry_min
         self._retry_max = retry_max
@@ -138,10 +141,18 @@ class RevocationSet:
             self._set_current(True)
             self._went_current = True
             log.info("revocation_feed_current", revoked=len(self._revoked))
+            loop = asyncio.get_running_loop()
+            synced = loop.time()
             while True:
-                done, _ = await asyncio.wait({pending}, timeout=self._resync_interval)
+                done, _ = await asyncio.wait({pending}, timeout=self._liveness_interval)
                 if not done:
-                    await self._resync()  # also proves the store still answers
+                    # A quiet feed: prove the store still answers (a silent Redis is noticed
+                    # within this interval plus the store time-out), now and then resync.
+                    if loop.time() - synced >= self._resync_interval:
+                        await self._resync()
+                        synced = loop.time()
+                    else:
+                        await self._store.is_revoked(probe)
                     continue
                 jti, exp = pending.result()
                 self._add(jti, exp)

@@ -36,6 +36,20 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IANA special-purpose ranges that Python 3.11's `is_global` still calls global (its table
+# predates them); listed here so the refusal does not depend on the interpreter's version (R24).
+_SPECIAL_PURPOSE = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "192.0.0.0/24",  # IETF protocol assignments (RFC 6890)
+        "192.88.99.0/24",  # deprecated 6to4 relay anycast (RFC 7526)
+        "3fff::/20",  # documentation (RFC 9637)
+        "2001:db8::/32",  # documentation (RFC 3849)
+        "2001::/23",  # IETF protocol assignments (RFC 2928)
+        "5f00::/16",  # SRv6 SIDs (RFC 9602)
+        "64:ff9b:1::/48",  # local-use IPv4/IPv6 translation (RFC 8215)
+    )
+)
 _JSON_TYPES = ("application/json",)
 
 
@@ -68,6 +82,7 @@ def is_forbidden_address(ip: IPAddress) -> bool:
         or ip.is_unspecified
         or (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local)
         or not ip.is_global
+        or any(ip.version == net.version and ip in net for net in _SPECIAL_PURPOSE)
     )
 
 

@@ -291,6 +291,10 @@ class McpProxy:
             else:
                 self._audit(request, facts, allowed=False, reason=err.reason, outcome="error")
             return jsonrpc_error(err.status, GATEWAY_ERROR, err.message, id=facts.id)
+        except ConnectionResetError:
+            # The client went away (e.g. in the middle of its body): its problem, not a fault.
+            self._audit(request, facts, allowed=False, reason="client_gone")
+            return jsonrpc_error(400, INVALID_REQUEST, "Connection lost", id=facts.id)
         except (TemporarilyUnavailable, StoreUnavailable, UpstreamUnavailable) as err:
             reason = getattr(err, "log_reason", None) or type(err).__name__
             self._audit(request, facts, allowed=False, reason="unavailable", outcome="error",
@@ -404,14 +408,21 @@ class McpProxy:
             raise _Refusal(413, INVALID_REQUEST, "Request body too large", "body_too_large")
         chunks: list[bytes] = []
         size = 0
-        while True:
-            chunk = await request.content.readany()
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > cap:
-                raise _Refusal(413, INVALID_REQUEST, "Request body too large", "body_too_large")
-            chunks.append(chunk)
+        try:
+            # A body that never completes must not hold the request (slow clients).
+            async with asyncio.timeout(self.rt.timeouts.body):
+                while True:
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > cap:
+                        raise _Refusal(413, INVALID_REQUEST, "Request body too large",
+                                       "body_too_large")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise _Refusal(408, INVALID_REQUEST, "Request body not received in time",
+                           "body_timeout") from None
         return b"".join(chunks)
 
     def _enforce(self, decision: Decision, facts: _Audit) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -146,6 +147,49 @@ class TestBody:
         resp = await gw.client.post("/mcp", data=chunks(), headers=gw.auth())
         assert resp.status == 413
         assert upstream_peer.seen == []
+
+    async def test_body_that_never_completes_408(
+        self, make_gateway: MakeGateway, upstream_peer: Peer
+    ) -> None:
+        """A body that never completes is given up on after the request time-out (slow
+        clients must not hold the proxy, DESIGN §7.8)."""
+        gw = await _gw(make_gateway, server={"request_timeout": "300ms"})
+        reader, writer = await asyncio.open_connection(gw.client.server.host,
+                                                       gw.client.server.port)
+        head = "".join(f"{k}: {v}\r\n" for k, v in gw.auth().items())
+        writer.write(f"POST /mcp HTTP/1.1\r\nHost: x\r\n{head}Content-Length: 500\r\n\r\n"
+                     .encode() + b'{"jsonrpc": "2.0", ')
+        await writer.drain()
+        try:
+            async with asyncio.timeout(3):
+                answer = await reader.read()
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert answer.endswith(b'"message": "Request body not received in time"}}')
+        assert upstream_peer.seen == []
+
+    async def test_client_leaving_mid_body_is_not_a_fault(
+        self, make_gateway: MakeGateway, upstream_peer: Peer
+    ) -> None:
+        """A client hanging up inside its body is logged as such, never as an error."""
+        gw = await _gw(make_gateway)
+        with capture_logs() as logs:
+            reader, writer = await asyncio.open_connection(gw.client.server.host,
+                                                           gw.client.server.port)
+            head = "".join(f"{k}: {v}\r\n" for k, v in gw.auth().items())
+            writer.write(f"POST /mcp HTTP/1.1\r\nHost: x\r\n{head}Content-Length: 500\r\n"
+                         "\r\n{".encode())
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.close()
+            async with asyncio.timeout(3):
+                while not any(e.get("reason") == "client_gone" for e in logs):  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+        assert [e for e in logs if e["log_level"] in ("error", "critical")] == []
+        assert upstream_peer.seen == []
+        ok = await gw.client.post("/mcp", json=tool_call("echo"), headers=gw.auth())
+        assert ok.status == 200
 
     async def test_not_json(self, make_gateway: MakeGateway, upstream_peer: Peer) -> None:
         """Only application/json bodies are inspected and forwarded: 415 otherwise."""

@@ -237,14 +237,6 @@ class TestAddresses:
             "[3fff::1]",  # documentation (RFC 9637): not globally reachable
         ],
     )
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "BUG: gateway/adapters/cimd.py is_forbidden_address relies on Python 3.11's "
-            "ipaddress.is_global, which still calls 192.0.0.0/24 and 3fff::/20 global: the "
-            "gateway connects to them"
-        ),
-    )
     async def test_special_purpose_ranges_outside_pythons_table_are_refused(
         self, strict: Target, host: str
     ) -> None:
