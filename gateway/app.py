@@ -109,9 +109,14 @@ class ReadinessProbe:
                 if len(body) > _MAX_DISCOVERY_BYTES:
                     reason = "discovery document too large"
                     continue
-                if isinstance(json.loads(body), dict):
+                doc = json.loads(body)
+                if not isinstance(doc, dict):
+                    reason = "discovery document is not a JSON object"
+                elif doc.get("issuer") != self._settings.upstream.issuer:
+                    # Logins would fail on the issuer check (RFC 8414 §3.3): not ready.
+                    reason = "discovery document names another issuer"
+                else:
                     return True
-                reason = "discovery document is not a JSON object"
             except TimeoutError:
                 reason = "time-out"
             except (aiohttp.ClientError, OSError, ValueError) as exc:

@@ -389,6 +389,10 @@ async def serve(settings: Settings, *, reuse_port: bool) -> int:
         access_log=None,
         handle_signals=False,
         shutdown_timeout=settings.server.shutdown_timeout,
+        # aiohttp closes a connection whose next request has not arrived (headers included)
+        # within the keep-alive time-out: with request_timeout it also cuts off slowloris
+        # headers; bodies are bounded by gateway.web.bodies.
+        keepalive_timeout=settings.server.request_timeout,
     )
     await runner.setup()
     try:

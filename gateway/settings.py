@@ -141,7 +141,9 @@ class ServerSettings(_Model):
         False, description="take the client IP from X-Forwarded-For (behind a trusted proxy)"
     )
     request_timeout: Duration = Field(
-        30.0, description="time-out for a whole non-streaming request"
+        30.0,
+        description="deadline for a client to deliver its request (headers and body) and "
+        "for an idle keep-alive connection; non-streaming upstream calls are bounded by it too",
     )
     shutdown_timeout: Duration = Field(
         15.0, description="on SIGTERM: how long open requests and streams may still finish"

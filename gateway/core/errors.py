@@ -183,3 +183,15 @@ class UpstreamRejected(UpstreamUnavailable):
 
 class StoreUnavailable(Exception):
     """The state store (Redis) did not answer; callers fail closed."""
+
+
+class RequestTimeout(GatewayError):
+    """The client did not deliver its request (headers or body) within `server.request_timeout`."""
+
+    status = 408
+
+
+class MalformedBody(GatewayError):
+    """The request body could not be decoded (not UTF-8, broken encoding)."""
+
+    status = 400

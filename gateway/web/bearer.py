@@ -156,8 +156,8 @@ class BearerAuth:
         verified = await self.verify(token, audience=audience)
         missing = missing_amr(verified.amr, required_amr)
         if missing:
-            reason = "amr not an array" if verified.amr is None else "amr lacks " + ",".join(
-                missing
+            reason = (
+                "amr not an array" if verified.amr is None else "amr lacks " + ",".join(missing)
             )
             raise InsufficientUserAuthentication(self.MFA_DESCRIPTION, log_reason=reason)
         return verified

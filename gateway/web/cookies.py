@@ -90,5 +90,6 @@ class CookieCodec:
         return self.verify(request.cookies.get(self.name(base)), purpose=purpose, now=now)
 
     def clear(self, response: web.StreamResponse, base: str) -> None:
-        response.del_cookie(self.name(base), path="/", secure=self.secure, httponly=True,
-                            samesite="Lax")
+        response.del_cookie(
+            self.name(base), path="/", secure=self.secure, httponly=True, samesite="Lax"
+        )

@@ -19,7 +19,9 @@ from aiohttp.typedefs import Handler
 from gateway.core.errors import (
     BearerError,
     InvalidClient,
+    MalformedBody,
     OAuthError,
+    RequestTimeout,
     StoreUnavailable,
     TemporarilyUnavailable,
     UpstreamUnavailable,
@@ -166,6 +168,34 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if _already_sent(request):
             raise
         return _unavailable(request)
+    except (RequestTimeout, MalformedBody) as err:
+        # The client's fault (a body never completed, or one that does not decode): a 4xx in
+        # the protocol's shape, never a 500 and never a traceback in the log.
+        log.info("request_rejected", reason=str(err), status=err.status)
+        if _already_sent(request):
+            raise
+        error = "invalid_request"
+        if _wants_html(request):
+            resp = html_error(
+                request, "Request refused", "The request could not be read.", err.status
+            )
+        else:
+            resp = web.json_response(
+                {"error": error, "error_description": str(err)},
+                status=err.status,
+                headers=_NO_STORE,
+            )
+        if isinstance(err, RequestTimeout):
+            resp.force_close()
+        return resp
+    except ConnectionResetError:
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            log.exception("unhandled_error")  # not the client leaving: a real fault
+            raise
+        # The client hung up (mid-body or before its answer): nobody to answer, not a fault.
+        log.info("client_gone")
+        return web.Response(status=400)
     except Exception:
         log.exception("unhandled_error")
         if _already_sent(request):

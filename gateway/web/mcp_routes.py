@@ -219,9 +219,7 @@ async def _mcp_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     jwks_http: aiohttp.ClientSession | None = None
     if settings.keys.trusted_issuers:
-        jwks_http = aiohttp.ClientSession(
-            cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
-        )
+        jwks_http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
         state.jwks = JwksCache(settings.keys.trusted_issuers, jwks_http)
     state.bearer = BearerAuth(app[KEYS], state.revocations, app[CLOCK], trusted=state.jwks)
     for rt in state.resources.values():
@@ -297,8 +295,9 @@ class McpProxy:
             return jsonrpc_error(400, INVALID_REQUEST, "Connection lost", id=facts.id)
         except (TemporarilyUnavailable, StoreUnavailable, UpstreamUnavailable) as err:
             reason = getattr(err, "log_reason", None) or type(err).__name__
-            self._audit(request, facts, allowed=False, reason="unavailable", outcome="error",
-                        detail=reason)
+            self._audit(
+                request, facts, allowed=False, reason="unavailable", outcome="error", detail=reason
+            )
             return jsonrpc_error(
                 503, GATEWAY_ERROR, "The service is temporarily unavailable", id=facts.id
             )
@@ -364,8 +363,9 @@ class McpProxy:
         # 4. session binding
         session_ids = request.headers.getall(SESSION_HEADER, [])
         if len(session_ids) > 1 or (session_ids and not valid_session_id(session_ids[0])):
-            raise _Refusal(400, INVALID_REQUEST, "Invalid Mcp-Session-Id", "bad_session_id",
-                           id=facts.id)
+            raise _Refusal(
+                400, INVALID_REQUEST, "Invalid Mcp-Session-Id", "bad_session_id", id=facts.id
+            )
         session_id = session_ids[0] if session_ids else None
         owner = _owner(verified)
         if session_id is not None:
@@ -400,8 +400,12 @@ class McpProxy:
     async def _read_body(self, request: web.Request) -> bytes:
         ctype = request.headers.get("Content-Type", "")
         if ctype.split(";", 1)[0].strip().lower() != "application/json":
-            raise _Refusal(415, INVALID_REQUEST, "Content-Type must be application/json",
-                           "unsupported_media_type")
+            raise _Refusal(
+                415,
+                INVALID_REQUEST,
+                "Content-Type must be application/json",
+                "unsupported_media_type",
+            )
         cap = self.rt.policy.max_body
         declared = request.content_length
         if declared is not None and declared > cap:
@@ -417,12 +421,14 @@ class McpProxy:
                         break
                     size += len(chunk)
                     if size > cap:
-                        raise _Refusal(413, INVALID_REQUEST, "Request body too large",
-                                       "body_too_large")
+                        raise _Refusal(
+                            413, INVALID_REQUEST, "Request body too large", "body_too_large"
+                        )
                     chunks.append(chunk)
         except TimeoutError:
-            raise _Refusal(408, INVALID_REQUEST, "Request body not received in time",
-                           "body_timeout") from None
+            raise _Refusal(
+                408, INVALID_REQUEST, "Request body not received in time", "body_timeout"
+            ) from None
         return b"".join(chunks)
 
     def _enforce(self, decision: Decision, facts: _Audit) -> None:
@@ -431,8 +437,13 @@ class McpProxy:
         facts.method_name = decision.method or facts.method_name
         facts.tool = decision.tool or facts.tool
         if decision.effect is Effect.DENY:
-            raise _Refusal(403, POLICY_DENIED, "Forbidden by the gateway's policy",
-                           decision.reason, id=facts.id)
+            raise _Refusal(
+                403,
+                POLICY_DENIED,
+                "Forbidden by the gateway's policy",
+                decision.reason,
+                id=facts.id,
+            )
         if decision.effect is Effect.INSUFFICIENT_SCOPE:
             raise InsufficientScope(
                 "The access token lacks a required scope",
@@ -457,16 +468,25 @@ class McpProxy:
         else:
             bound = await request.app[STORE].session_owner(session_id)
             if bound is not None:
-                _remember(state.session_owners, session_id, (bound, now + _SESSION_CACHE_SECONDS),
-                          _SESSION_CACHE_SIZE)
+                _remember(
+                    state.session_owners,
+                    session_id,
+                    (bound, now + _SESSION_CACHE_SECONDS),
+                    _SESSION_CACHE_SIZE,
+                )
         if bound is None:
-            raise _Refusal(404, INVALID_REQUEST, "Session not found", "unknown_session",
-                           id=facts.id)
+            raise _Refusal(
+                404, INVALID_REQUEST, "Session not found", "unknown_session", id=facts.id
+            )
         if bound != owner:
-            log.warning("session_hijack_refused", resource=self.rt.settings.path,
-                        sub=facts.token.subject if facts.token else None)
-            raise _Refusal(404, INVALID_REQUEST, "Session not found", "session_other_subject",
-                           id=facts.id)
+            log.warning(
+                "session_hijack_refused",
+                resource=self.rt.settings.path,
+                sub=facts.token.subject if facts.token else None,
+            )
+            raise _Refusal(
+                404, INVALID_REQUEST, "Session not found", "session_other_subject", id=facts.id
+            )
 
     async def _after_upstream(
         self,
@@ -496,8 +516,12 @@ class McpProxy:
         if bound != owner:
             raise ProxyError(502, "The MCP server reused a session id", "upstream_session_clash")
         now = request.app[CLOCK].now()
-        _remember(state.session_owners, issued[0], (owner, now + _SESSION_CACHE_SECONDS),
-                  _SESSION_CACHE_SIZE)
+        _remember(
+            state.session_owners,
+            issued[0],
+            (owner, now + _SESSION_CACHE_SECONDS),
+            _SESSION_CACHE_SIZE,
+        )
 
     async def _credential(
         self, request: web.Request, state: McpState, token: str, verified: VerifiedToken

@@ -29,6 +29,7 @@ from gateway.core.errors import (
     AccessDenied,
     InvalidClientMetadata,
     InvalidRequest,
+    MalformedBody,
     OAuthError,
     SlowDown,
 )
@@ -65,6 +66,7 @@ from gateway.flows.revoke import revoke_token
 from gateway.flows.token import TokenService, authenticate_client
 from gateway.flows.upstream_tokens import refresh_upstream
 from gateway.web.appkeys import CLOCK, COOKIES, HTTP, KEYS, METRICS, SEALER, SETTINGS, STORE
+from gateway.web.bodies import read_capped, read_form
 from gateway.web.context import client_ip
 from gateway.web.errors import html_error, oauth_json_error, redirect_error
 from gateway.web.pages import html_page, render_page, safe
@@ -153,20 +155,18 @@ async def _form(request: web.Request) -> list[tuple[str, str]]:
         raise InvalidRequest("the body must be application/x-www-form-urlencoded")
     if request.query_string:
         raise InvalidRequest("parameters must be sent in the body, not the query string")
-    form = await request.post()
-    return form_pairs(form.items())
+    try:
+        return form_pairs(await read_form(request))
+    except MalformedBody:
+        raise InvalidRequest("the form body could not be decoded") from None
 
 
 async def _read_capped(request: web.Request, limit: int) -> bytes:
     """The whole body, or `InvalidClientMetadata` once it grows past `limit` bytes."""
-    body = bytearray()
-    while True:
-        chunk = await request.content.read(limit + 1 - len(body))
-        if not chunk:
-            return bytes(body)
-        body.extend(chunk)
-        if len(body) > limit:
-            raise InvalidClientMetadata("the registration request is too large")
+    body = await read_capped(request, limit)
+    if body is None:
+        raise InvalidClientMetadata("the registration request is too large")
+    return body
 
 
 def _refused_page(request: web.Request, message: str, status: int = 400) -> web.Response:
@@ -240,7 +240,7 @@ async def authorize(request: web.Request) -> web.StreamResponse:
         if not _is_form(request):
             return _refused_page(request, "The request could not be read.")
         try:
-            pairs = form_pairs((await request.post()).items())
+            pairs = form_pairs(await read_form(request))
         except OAuthError:
             return _refused_page(request, "The request could not be read.")
     else:
@@ -321,11 +321,11 @@ async def consent(request: web.Request) -> web.StreamResponse:
     now = app[CLOCK].now()
     if not _is_form(request):
         return _refused_page(request, "The form could not be read.")
-    form = await request.post()
+    form = await read_form(request)
     fields: dict[str, str] = {}
     for name in ("tx", "csrf", "decision"):
-        values = form.getall(name, [])
-        if len(values) != 1 or not isinstance(values[0], str):
+        values = [v for k, v in form if k == name]
+        if len(values) != 1:
             log.info("authorize_rejected", reason=f"consent form field {name} missing/repeated")
             return _refused_page(request, "The form could not be read.")
         fields[name] = values[0]

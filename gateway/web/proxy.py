@@ -156,8 +156,10 @@ def confine_path(raw_path: str, prefix: str) -> str | None:
         if not _PCHAR.fullmatch(seg):
             return None
         decoded = unquote_to_bytes(seg)
-        if decoded in (b".", b"..") or any(c in decoded for c in b"/\\") or any(
-            c < 0x20 or c == 0x7F for c in decoded
+        if (
+            decoded in (b".", b"..")
+            or any(c in decoded for c in b"/\\")
+            or any(c < 0x20 or c == 0x7F for c in decoded)
         ):
             return None
     return rest
@@ -183,9 +185,7 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 def _strip_request_field(name: str) -> bool:
     lname = name.lower()
     return (
-        lname in HOP_BY_HOP
-        or lname in _STRIP_REQUEST
-        or lname.startswith(_STRIP_REQUEST_PREFIXES)
+        lname in HOP_BY_HOP or lname in _STRIP_REQUEST or lname.startswith(_STRIP_REQUEST_PREFIXES)
     )
 
 
@@ -286,11 +286,11 @@ async def open_upstream(
                 timeout=client_timeout or timeouts.client,
             )
     except aiohttp.ConnectionTimeoutError:
-        raise ProxyError(504, "The MCP server did not accept the connection in time",
-                         "upstream_connect_timeout") from None
+        raise ProxyError(
+            504, "The MCP server did not accept the connection in time", "upstream_connect_timeout"
+        ) from None
     except TimeoutError:
-        raise ProxyError(504, "The MCP server did not answer in time",
-                         "upstream_timeout") from None
+        raise ProxyError(504, "The MCP server did not answer in time", "upstream_timeout") from None
     except (aiohttp.ClientError, OSError):
         raise ProxyError(502, "The MCP server is unreachable", "upstream_unreachable") from None
 
@@ -314,14 +314,20 @@ async def relay(
                 async with asyncio.timeout(timeouts.body):
                     data = await upstream.content.readexactly(length)
             except TimeoutError:
-                raise ProxyError(504, "The MCP server did not answer in time",
-                                 "upstream_timeout") from None
+                raise ProxyError(
+                    504, "The MCP server did not answer in time", "upstream_timeout"
+                ) from None
             except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError):
-                raise ProxyError(502, "The MCP server broke off its answer",
-                                 "upstream_broke") from None
+                raise ProxyError(
+                    502, "The MCP server broke off its answer", "upstream_broke"
+                ) from None
             complete = True
-            return web.Response(status=upstream.status, reason=upstream.reason, body=data,
-                                headers=response_headers(upstream.headers))
+            return web.Response(
+                status=upstream.status,
+                reason=upstream.reason,
+                body=data,
+                headers=response_headers(upstream.headers),
+            )
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         resp.headers.extend(response_headers(upstream.headers))
         if length is not None and not streaming:

@@ -39,6 +39,7 @@ from gateway.flows.upstream_login import (
     stepup_policy,
 )
 from gateway.web.appkeys import CLOCK, COOKIES, HTTP, METRICS, SEALER, SETTINGS, STORE
+from gateway.web.bodies import FORM, read_form
 from gateway.web.context import client_ip
 from gateway.web.errors import html_error, redirect_error
 from gateway.web.pages import html_page, render_page, safe
@@ -287,11 +288,14 @@ async def totp_page(request: web.Request) -> web.StreamResponse:
 async def totp_submit(request: web.Request) -> web.StreamResponse:
     """`POST /oauth/totp` (`code`, `csrf`, `tx`): verify, then 303 to the client with a code."""
     app = request.app
-    form = await request.post()
+    if request.content_type != FORM:
+        log.info("totp_failed", reason="form_not_urlencoded")
+        return _bad_link(request)
+    form = await read_form(request)
     fields: dict[str, str] = {}
     for name in ("tx", "csrf", "code"):
-        values = form.getall(name, [])
-        if len(values) != 1 or not isinstance(values[0], str):
+        values = [v for k, v in form if k == name]
+        if len(values) != 1:
             log.info("totp_failed", reason=f"form_field_{name}_missing_or_repeated")
             return _bad_link(request)
         fields[name] = values[0]

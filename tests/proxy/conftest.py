@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 from multidict import CIMultiDictProxy
 
 from gateway.adapters.memory_store import MemoryStore
@@ -193,6 +194,14 @@ def build_test_app(settings: Settings, store: Store, clock: FixedClock) -> web.A
 MakeGateway = Callable[..., Awaitable[Gateway]]
 
 
+class NoCancellationServer(TestServer):
+    """A test server whose runner does not cancel handlers of vanished clients (like the CLI)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        kwargs["handler_cancellation"] = False
+        return await super()._make_runner(**kwargs)
+
+
 @pytest.fixture
 async def make_gateway(
     tmp_path: Path,
@@ -201,7 +210,9 @@ async def make_gateway(
 ) -> MakeGateway:
     """`await make_gateway(resources=..., policy=..., store=..., **config)` -> a ready Gateway.
 
-    `setup(app)` runs before the app starts (e.g. to append a cleanup context).
+    `setup(app)` runs before the app starts (e.g. to append a cleanup context);
+    `handler_cancellation=False` serves it like the CLI does (handlers are not cancelled when
+    their client disconnects).
     """
     counter = 0
 
@@ -213,6 +224,7 @@ async def make_gateway(
         clock: FixedClock | None = None,
         wait_ready: bool = True,
         setup: Callable[[web.Application], None] | None = None,
+        handler_cancellation: bool = True,
         **overrides: Any,
     ) -> Gateway:
         nonlocal counter
@@ -231,7 +243,9 @@ async def make_gateway(
         app = build_test_app(settings, the_store, the_clock)
         if setup is not None:
             setup(app)
-        client = await aiohttp_client(app)
+        client = await aiohttp_client(
+            app if handler_cancellation else NoCancellationServer(app)
+        )
         gw = Gateway(client=client, app=app, settings=settings, store=the_store,
                      clock=the_clock)
         if wait_ready:
