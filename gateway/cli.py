@@ -17,16 +17,15 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import re
 import secrets
 import signal
-import struct
 import sys
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from multiprocessing.connection import wait as wait_for_sentinels
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import qrcode
+import qrcode.image.pure
 import qrcode.image.svg
 import structlog
 
@@ -173,26 +173,11 @@ def _run_with_store(settings: Settings, action: Callable[[Any], Awaitable[int]])
     return asyncio.run(go())
 
 
-def _png(matrix: Sequence[Sequence[bool]], scale: int = 8) -> bytes:
-    """A black-on-white 8-bit greyscale PNG of a QR matrix (no imaging library needed)."""
-    rows = []
-    for row in matrix:
-        line = b"".join((b"\x00" if cell else b"\xff") * scale for cell in row)
-        rows.extend([b"\x00" + line] * scale)
-    width = len(matrix[0]) * scale
-    height = len(matrix) * scale
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"".join(rows), 9))
-        + chunk(b"IEND", b"")
-    )
+def _png(qr: Any) -> bytes:
+    """The QR code as PNG, through qrcode's pure-Python PNG backend (pypng)."""
+    buffer = io.BytesIO()
+    qr.make_image(image_factory=qrcode.image.pure.PyPNGImage).save(buffer)
+    return buffer.getvalue()
 
 
 def _qr(uri: str) -> Any:
@@ -231,7 +216,7 @@ def cmd_totp_enroll(args: argparse.Namespace) -> int:
             raise CliError(f"cannot enrol {args.user!r}: {exc}") from None
         qr = _qr(enrollment.otpauth_uri)
         if args.qr_png:
-            _write_private(Path(args.qr_png), _png(qr.get_matrix()), exclusive=False)
+            _write_private(Path(args.qr_png), _png(qr), exclusive=False)
         if args.qr_svg:
             svg = qr.make_image(image_factory=qrcode.image.svg.SvgPathImage).to_string()
             _write_private(Path(args.qr_svg), svg, exclusive=False)
