@@ -87,8 +87,11 @@ async def rps(args: argparse.Namespace) -> dict[str, object]:
 
 async def streams(args: argparse.Namespace) -> None:
     headers = json.loads(args.headers)
-    lines = [f"GET {args.path} HTTP/1.1", f"Host: {args.host}:{args.port}",
-             "Accept: text/event-stream"]
+    lines = [
+        f"GET {args.path} HTTP/1.1",
+        f"Host: {args.host}:{args.port}",
+        "Accept: text/event-stream",
+    ]
     lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() not in ("content-type",)]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode()
     held: list[asyncio.StreamWriter] = []

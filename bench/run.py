@@ -154,14 +154,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def loadgen(port: int, headers: dict[str, str], body: str, connections: int,
-            args: argparse.Namespace, cpus: set[int] | None) -> dict[str, Any]:
+def loadgen(
+    port: int,
+    headers: dict[str, str],
+    body: str,
+    connections: int,
+    args: argparse.Namespace,
+    cpus: set[int] | None,
+) -> dict[str, Any]:
     proc = subprocess.Popen(
-        [PY, str(HERE / "loadgen.py"), "rps", "--port", str(port),
-         "--headers", json.dumps(headers), "--body", body,
-         "--connections", str(connections), "--duration", str(args.duration),
-         "--warmup", str(args.warmup)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            PY,
+            str(HERE / "loadgen.py"),
+            "rps",
+            "--port",
+            str(port),
+            "--headers",
+            json.dumps(headers),
+            "--body",
+            body,
+            "--connections",
+            str(connections),
+            "--duration",
+            str(args.duration),
+            "--warmup",
+            str(args.warmup),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     pin(proc.pid, cpus)
     out, _ = proc.communicate(timeout=args.duration + args.warmup + 120)
@@ -188,16 +208,27 @@ def main() -> int:
     config, key = write_config(tmp, gw_port, mcp_port, args.store)
     procs: list[subprocess.Popen[bytes]] = []
     try:
+
         def start(argv: list[str]) -> subprocess.Popen[bytes]:
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    cwd=REPO)
+            proc = subprocess.Popen(
+                argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO
+            )
             pin(proc.pid, server_cpus)
             procs.append(proc)
             return proc
 
         start([PY, str(HERE / "servers.py"), "mcp", "--port", str(mcp_port)])
-        start([PY, str(HERE / "servers.py"), "bare", "--port", str(bare_port),
-               "--upstream", f"http://127.0.0.1:{mcp_port}/mcp"])
+        start(
+            [
+                PY,
+                str(HERE / "servers.py"),
+                "bare",
+                "--port",
+                str(bare_port),
+                "--upstream",
+                f"http://127.0.0.1:{mcp_port}/mcp",
+            ]
+        )
         gateway = start([PY, "-m", "gateway", "run", "--config", str(config)])
         wait_port(mcp_port)
         wait_port(bare_port)
@@ -205,13 +236,27 @@ def main() -> int:
 
         now = time.time()  # noqa: TID251 - the benchmark mints a real token for a real gateway
         claims = build_access_claims(
-            issuer=f"http://127.0.0.1:{gw_port}", sub="bench-user",
-            audience=f"http://127.0.0.1:{gw_port}/mcp", client_id="bench-client", scope="mcp",
-            auth_time=now - 30, amr=["pwd", "otp", "mfa"], acr="urn:mfa-gateway:totp",
-            gid="bench-grant", now=now, ttl=3600)
+            issuer=f"http://127.0.0.1:{gw_port}",
+            sub="bench-user",
+            audience=f"http://127.0.0.1:{gw_port}/mcp",
+            client_id="bench-client",
+            scope="mcp",
+            auth_time=now - 30,
+            amr=["pwd", "otp", "mfa"],
+            acr="urn:mfa-gateway:totp",
+            gid="bench-grant",
+            now=now,
+            ttl=3600,
+        )
         token = mint_access_token(claims, key)
-        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                           "params": {"name": "echo", "arguments": {"text": "hello"}}})
+        body = json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": "echo", "arguments": {"text": "hello"}},
+            }
+        )
         headers = {
             "Authorization": "Bearer " + token,
             "Content-Type": "application/json",
@@ -221,18 +266,26 @@ def main() -> int:
             "Mcp-Name": "echo",
         }
         targets = {"server": mcp_port, "bare": bare_port, "gateway": gw_port}
-        results: dict[str, Any] = {"cpus": ncpu, "pinned": server_cpus is not None,
-                                   "duration": args.duration, "throughput": {}}
-        print(f"# mfa-gateway proxy benchmark ({ncpu} CPUs, servers pinned to "
-              f"{sorted(server_cpus or [])}, load generator to {sorted(load_cpus or [])})")
+        results: dict[str, Any] = {
+            "cpus": ncpu,
+            "pinned": server_cpus is not None,
+            "duration": args.duration,
+            "throughput": {},
+        }
+        print(
+            f"# mfa-gateway proxy benchmark ({ncpu} CPUs, servers pinned to "
+            f"{sorted(server_cpus or [])}, load generator to {sorted(load_cpus or [])})"
+        )
         print(f"{'conns':>5} {'target':>8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
         for c in (int(x) for x in args.connections.split(",")):
             row: dict[str, Any] = {}
             for name, port in targets.items():
                 r = loadgen(port, headers, body, c, args, load_cpus)
                 row[name] = r
-                print(f"{c:>5} {name:>8} {r['rps']:>9.0f} {r['p50_ms']:>8.3f} "
-                      f"{r['p99_ms']:>8.3f} {r['errors']:>6}")
+                print(
+                    f"{c:>5} {name:>8} {r['rps']:>9.0f} {r['p50_ms']:>8.3f} "
+                    f"{r['p99_ms']:>8.3f} {r['errors']:>6}"
+                )
             g, b, s = row["gateway"], row["bare"], row["server"]
             row["ratios"] = {
                 "gateway_vs_bare_rps": g["rps"] / b["rps"],
@@ -243,10 +296,12 @@ def main() -> int:
                 "p99_added_over_server_ms": g["p99_ms"] - s["p99_ms"],
             }
             q = row["ratios"]
-            print(f"{'':>5} {'ratios':>8} gateway/bare {q['gateway_vs_bare_rps']:.1%}, "
-                  f"gateway/server {q['gateway_vs_server_rps']:.1%}, p50 +"
-                  f"{q['p50_added_over_bare_ms']:.3f} ms over bare, p99 +"
-                  f"{q['p99_added_over_server_ms']:.3f} ms over server")
+            print(
+                f"{'':>5} {'ratios':>8} gateway/bare {q['gateway_vs_bare_rps']:.1%}, "
+                f"gateway/server {q['gateway_vs_server_rps']:.1%}, p50 +"
+                f"{q['p50_added_over_bare_ms']:.3f} ms over bare, p99 +"
+                f"{q['p99_added_over_server_ms']:.3f} ms over server"
+            )
             results["throughput"][str(c)] = row
 
         if args.streams:
@@ -264,16 +319,27 @@ def main() -> int:
                 proc.kill()
 
 
-def idle_streams(args: argparse.Namespace, pid: int, port: int, headers: dict[str, str],
-                 cpus: set[int] | None) -> dict[str, Any]:
+def idle_streams(
+    args: argparse.Namespace, pid: int, port: int, headers: dict[str, str], cpus: set[int] | None
+) -> dict[str, Any]:
     """Hold `args.streams` idle SSE streams through the gateway; memory per stream."""
     time.sleep(1.0)
     before = rss_kib(pid)
     holder = subprocess.Popen(
-        [PY, str(HERE / "loadgen.py"), "streams", "--port", str(port),
-         "--headers", json.dumps({"Authorization": headers["Authorization"]}),
-         "--count", str(args.streams)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            PY,
+            str(HERE / "loadgen.py"),
+            "streams",
+            "--port",
+            str(port),
+            "--headers",
+            json.dumps({"Authorization": headers["Authorization"]}),
+            "--count",
+            str(args.streams),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     pin(holder.pid, cpus)
     assert holder.stdout is not None
@@ -287,11 +353,19 @@ def idle_streams(args: argparse.Namespace, pid: int, port: int, headers: dict[st
     holder.stdin.close()
     holder.wait(timeout=60)
     per_stream = (after - before) / max(opened["opened"], 1)
-    print(f"# idle SSE streams held by one gateway process: {opened['opened']} opened, "
-          f"{opened['failed']} failed; RSS {before} -> {after} KiB = {per_stream:.1f} KiB per "
-          f"stream; gateway CPU while idle {idle_cpu:.1%}")
-    return {"opened": opened["opened"], "failed": opened["failed"], "rss_before_kib": before,
-            "rss_after_kib": after, "kib_per_stream": per_stream, "idle_cpu": idle_cpu}
+    print(
+        f"# idle SSE streams held by one gateway process: {opened['opened']} opened, "
+        f"{opened['failed']} failed; RSS {before} -> {after} KiB = {per_stream:.1f} KiB per "
+        f"stream; gateway CPU while idle {idle_cpu:.1%}"
+    )
+    return {
+        "opened": opened["opened"],
+        "failed": opened["failed"],
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "kib_per_stream": per_stream,
+        "idle_cpu": idle_cpu,
+    }
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ def mcp_app() -> web.Application:
         return web.Response(body=body, content_type="application/json")
 
     async def get(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         await resp.prepare(request)
         await resp.write(b": stream open\n\n")
         await asyncio.Event().wait()  # idle until the client goes away (handler cancelled)
@@ -55,8 +56,17 @@ def mcp_app() -> web.Application:
     return app
 
 
-_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "host",
-        "content-length", "proxy-connection", "trailer"}
+_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "host",
+    "content-length",
+    "proxy-connection",
+    "trailer",
+}
 
 
 def bare_app(upstream: str) -> web.Application:
@@ -64,8 +74,10 @@ def bare_app(upstream: str) -> web.Application:
 
     async def start(app: web.Application) -> None:
         session["s"] = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar())
+            connector=aiohttp.TCPConnector(limit=0),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
 
     async def stop(app: web.Application) -> None:
         await session["s"].close()
@@ -73,8 +85,7 @@ def bare_app(upstream: str) -> web.Application:
     async def proxy(request: web.Request) -> web.StreamResponse:
         body = await request.read() if request.method == "POST" else None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-        async with session["s"].request(request.method, upstream, headers=headers,
-                                        data=body) as up:
+        async with session["s"].request(request.method, upstream, headers=headers, data=body) as up:
             resp = web.StreamResponse(status=up.status)
             for k, v in up.headers.items():
                 if k.lower() not in _HOP and k.lower() not in ("date", "server"):

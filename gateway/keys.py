@@ -218,4 +218,3 @@ def _public_fits(key: object, alg: str) -> bool:
     if alg in ("RS256", "PS256"):
         return isinstance(key, rsa.RSAPublicKey) and key.key_size >= _MIN_RSA_BITS
     return False
-

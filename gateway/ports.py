@@ -57,7 +57,9 @@ class CodeStore(Protocol):
 class ClientStore(Protocol):
     """Dynamically registered clients and cached client-ID metadata documents."""
 
-    async def put_client(self, client_id: str, data: Mapping[str, Any], ttl: float | None) -> None: ...
+    async def put_client(
+        self, client_id: str, data: Mapping[str, Any], ttl: float | None
+    ) -> None: ...
 
     async def get_client(self, client_id: str) -> Json | None: ...
 

@@ -183,8 +183,9 @@ class RevocationSet:
             except StoreUnavailable:
                 log.warning("store_unavailable", reason="revocation feed broken")
             except Exception as exc:  # fail closed and retry; never let the follower die
-                log.error("store_unavailable", reason="revocation feed failed",
-                          error=type(exc).__name__)
+                log.error(
+                    "store_unavailable", reason="revocation feed failed", error=type(exc).__name__
+                )
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # A client library turned our cancellation into an error (redis-py's pub/sub

@@ -11,7 +11,7 @@ import re
 from typing import ClassVar
 
 # RFC 6749 §5.2: error_description is %x20-21 / %x23-5B / %x5D-7E (no '"' and no '\').
-_DESCRIPTION_ALLOWED = re.compile(r'^[\x20-\x21\x23-\x5b\x5d-\x7e]*$')
+_DESCRIPTION_ALLOWED = re.compile(r"^[\x20-\x21\x23-\x5b\x5d-\x7e]*$")
 
 
 class GatewayError(Exception):
@@ -34,9 +34,7 @@ class OAuthError(GatewayError):
         log_reason: str | None = None,
     ) -> None:
         if not _DESCRIPTION_ALLOWED.match(description):
-            description = "".join(
-                c for c in description if _DESCRIPTION_ALLOWED.match(c)
-            )
+            description = "".join(c for c in description if _DESCRIPTION_ALLOWED.match(c))
         super().__init__(description or self.error)
         self.description = description
         self.state = state

@@ -109,7 +109,7 @@ def _message(obj: object) -> JsonRpcMessage:
     raw_id = obj.get("id")
     msg_id = raw_id if _valid_id(raw_id) else None
     if obj.get("jsonrpc") != "2.0":
-        raise JsonRpcError(INVALID_REQUEST, "jsonrpc must be \"2.0\"", id=msg_id)
+        raise JsonRpcError(INVALID_REQUEST, 'jsonrpc must be "2.0"', id=msg_id)
     if not _valid_id(raw_id):
         raise JsonRpcError(INVALID_REQUEST, "id must be a string or an integer")
     if "method" in obj:

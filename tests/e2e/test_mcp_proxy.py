@@ -440,8 +440,9 @@ async def test_client_hanging_up_after_its_answer_is_not_logged_as_an_error(stac
     (DESIGN §4.5, §6; R32 streams, R35 generic errors). Repeated, because which side finishes
     first is a race."""
     buf = io.StringIO()
+    since = stack.stateful.mark()  # this test's session, not an earlier (ended) one
     async with connect(stack, "/stateful", "olivia", mode="legacy") as conn:
-        session = await _session_id(conn, stack.stateful, 0)
+        session = await _session_id(conn, stack.stateful, since)
         assert session is not None
         headers = {
             "Authorization": f"Bearer {_access_token(conn)}",

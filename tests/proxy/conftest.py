@@ -145,9 +145,17 @@ class Gateway:
         """An access token signed by this gateway's active key."""
         now = self.clock.now()
         claims = build_access_claims(
-            issuer=self.settings.issuer, sub=sub, audience=audience, client_id=client_id,
-            scope=scope, auth_time=now - 60 if auth_time is None else auth_time,
-            amr=["x"], acr="urn:mfa-gateway:totp", gid=gid or "", now=now, ttl=ttl,
+            issuer=self.settings.issuer,
+            sub=sub,
+            audience=audience,
+            client_id=client_id,
+            scope=scope,
+            auth_time=now - 60 if auth_time is None else auth_time,
+            amr=["x"],
+            acr="urn:mfa-gateway:totp",
+            gid=gid or "",
+            now=now,
+            ttl=ttl,
         )
         if gid is None:
             del claims["gid"]
@@ -157,9 +165,11 @@ class Gateway:
 
     def auth(self, token: str | None = None, **headers: str) -> dict[str, str]:
         """Headers of an authenticated JSON-RPC POST."""
-        out = {"Authorization": "Bearer " + (token or self.token()),
-               "Content-Type": "application/json",
-               "Accept": "application/json, text/event-stream"}
+        out = {
+            "Authorization": "Bearer " + (token or self.token()),
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+        }
         out.update(headers)
         return out
 
@@ -243,11 +253,8 @@ async def make_gateway(
         app = build_test_app(settings, the_store, the_clock)
         if setup is not None:
             setup(app)
-        client = await aiohttp_client(
-            app if handler_cancellation else NoCancellationServer(app)
-        )
-        gw = Gateway(client=client, app=app, settings=settings, store=the_store,
-                     clock=the_clock)
+        client = await aiohttp_client(app if handler_cancellation else NoCancellationServer(app))
+        gw = Gateway(client=client, app=app, settings=settings, store=the_store, clock=the_clock)
         if wait_ready:
             await gw.ready()
         return gw
@@ -262,8 +269,14 @@ async def eventually(predicate: Callable[[], bool], within: float = 3.0) -> None
             await asyncio.sleep(0.01)
 
 
-def challenge(error: str | None = None, description: str | None = None, *,
-              scope: str | None = "mcp", prm: str = PRM, **extra: str) -> str:
+def challenge(
+    error: str | None = None,
+    description: str | None = None,
+    *,
+    scope: str | None = "mcp",
+    prm: str = PRM,
+    **extra: str,
+) -> str:
     """The exact `WWW-Authenticate` value the gateway sends."""
     params: list[tuple[str, str]] = []
     if error:

@@ -33,8 +33,13 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _resign(token: str, key: Any, *, header: dict[str, Any] | None = None,
-            claims: dict[str, Any] | None = None) -> str:
+def _resign(
+    token: str,
+    key: Any,
+    *,
+    header: dict[str, Any] | None = None,
+    claims: dict[str, Any] | None = None,
+) -> str:
     """Re-sign `token` with changed header/claims (a forger holding `key`)."""
     h, p, _ = token.split(".")
     head = json.loads(base64.urlsafe_b64decode(h + "=="))
@@ -84,24 +89,30 @@ class TestChallenges:
         """A token in the query string is refused, never forwarded (R25)."""
         gw = await make_gateway()
         token = gw.token()
-        resp = await gw.client.post(f"/mcp?access_token={token}", json=rpc("tools/list"),
-                                    headers=gw.auth(token))
+        resp = await gw.client.post(
+            f"/mcp?access_token={token}", json=rpc("tools/list"), headers=gw.auth(token)
+        )
         assert resp.status == 400
         assert resp.headers["WWW-Authenticate"] == challenge(
-            "invalid_request", "Access tokens are accepted in the Authorization header only",
-            scope=None)
+            "invalid_request",
+            "Access tokens are accepted in the Authorization header only",
+            scope=None,
+        )
         assert upstream_peer.seen == []
 
     async def test_two_authorization_headers_refused(self, make_gateway: MakeGateway) -> None:
         """Repeated credentials are an invalid request (RFC 6750 §3.1)."""
         gw = await make_gateway()
-        headers = [("Authorization", "Bearer " + gw.token()),
-                   ("Authorization", "Bearer " + gw.token(sub="bob")),
-                   ("Content-Type", "application/json")]
+        headers = [
+            ("Authorization", "Bearer " + gw.token()),
+            ("Authorization", "Bearer " + gw.token(sub="bob")),
+            ("Content-Type", "application/json"),
+        ]
         resp = await gw.client.post("/mcp", data=json.dumps(rpc("ping")), headers=headers)
         assert resp.status == 400
         assert resp.headers["WWW-Authenticate"] == challenge(
-            "invalid_request", "Only one Authorization header is allowed", scope=None)
+            "invalid_request", "Only one Authorization header is allowed", scope=None
+        )
 
     async def test_valid_token_passes(self, make_gateway: MakeGateway, upstream_peer: Peer) -> None:
         """A verified token with mfa reaches the MCP server."""
@@ -146,8 +157,11 @@ class TestForgedTokens:
     async def test_jku_not_fetched(self, make_gateway: MakeGateway, upstream_peer: Peer) -> None:
         """A `jku` pointing at an attacker's JWKS is refused and never fetched (R28)."""
         gw = await make_gateway()
-        forged = _resign(gw.token(), gw.keys.active.private_key,
-                         header={"jku": upstream_peer.url + "/jwks.json", "kid": "attacker"})
+        forged = _resign(
+            gw.token(),
+            gw.keys.active.private_key,
+            header={"jku": upstream_peer.url + "/jwks.json", "kid": "attacker"},
+        )
         await self._refused(gw, upstream_peer, forged)
 
     async def test_tampered(self, make_gateway: MakeGateway, upstream_peer: Peer) -> None:
@@ -172,8 +186,7 @@ class TestMfa:
         h, p, _ = token.split(".")
         claims = json.loads(base64.urlsafe_b64decode(p + "=="))
         del claims["amr"]
-        forged = _resign(f"{h}.{_b64(json.dumps(claims).encode())}.x",
-                         gw.keys.active.private_key)
+        forged = _resign(f"{h}.{_b64(json.dumps(claims).encode())}.x", gw.keys.active.private_key)
         await self._mfa_refused(gw, upstream_peer, forged)
 
     async def test_amr_string(self, make_gateway: MakeGateway, upstream_peer: Peer) -> None:
@@ -234,7 +247,9 @@ class TestRevocation:
         resp = await _post(gw, gw.auth(token))
         assert resp.status == 503
         assert (await resp.json())["error"] == {
-            "code": -32603, "message": "The service is temporarily unavailable"}
+            "code": -32603,
+            "message": "The service is temporarily unavailable",
+        }
         assert len(upstream_peer.seen) == 1
 
     async def test_not_ready_before_first_snapshot(self, make_gateway: MakeGateway) -> None:
@@ -272,22 +287,26 @@ class TestTokenCache:
         gw = await make_gateway()
         auth = BearerAuth(gw.keys, gw.state.revocations, gw.clock, cache_size=2)
         for sub in ("a", "b", "c"):
-            await auth.authenticate(gw.token(sub=sub), audience="http://127.0.0.1:8080/mcp",
-                                    required_amr=("mfa",))
+            await auth.authenticate(
+                gw.token(sub=sub), audience="http://127.0.0.1:8080/mcp", required_amr=("mfa",)
+            )
         assert auth.cached() == 2
 
     async def test_cache_keyed_by_audience(self, make_gateway: MakeGateway) -> None:
         """A token cached for one resource is not thereby valid for another."""
-        gw = await make_gateway(resources=[
-            {"path": "/mcp", "upstream": "http://127.0.0.1:9/mcp"},
-            {"path": "/other", "upstream": "http://127.0.0.1:9/mcp"},
-        ])
+        gw = await make_gateway(
+            resources=[
+                {"path": "/mcp", "upstream": "http://127.0.0.1:9/mcp"},
+                {"path": "/other", "upstream": "http://127.0.0.1:9/mcp"},
+            ]
+        )
         token = gw.token()
         await gw.client.post("/mcp", json=tool_call("x"), headers=gw.auth(token))
         resp = await gw.client.post("/other", json=tool_call("x"), headers=gw.auth(token))
         assert resp.status == 401
         assert resp.headers["WWW-Authenticate"] == challenge(
-            *INVALID, prm=PRM.removesuffix("/mcp") + "/other")
+            *INVALID, prm=PRM.removesuffix("/mcp") + "/other"
+        )
 
 
 class TestExtractBearer:

@@ -20,19 +20,33 @@ from gateway.web.stepup_handlers import UPSTREAM
 from tests.proxy.conftest import MakeGateway, Peer, challenge, rpc, tool_call
 
 
-async def raw_request(client: Any, target: str, headers: dict[str, str] | None = None,
-                      method: str = "POST", body: bytes = b"{}") -> int:
+async def raw_request(
+    client: Any,
+    target: str,
+    headers: dict[str, str] | None = None,
+    method: str = "POST",
+    body: bytes = b"{}",
+) -> int:
     """Send a request line exactly as written (no client-side normalisation); the status."""
     return (await raw_exchange(client, target, headers, method, body))[0]
 
 
-async def raw_exchange(client: Any, target: str, headers: dict[str, str] | None = None,
-                       method: str = "POST", body: bytes = b"{}") -> tuple[int, bytes]:
+async def raw_exchange(
+    client: Any,
+    target: str,
+    headers: dict[str, str] | None = None,
+    method: str = "POST",
+    body: bytes = b"{}",
+) -> tuple[int, bytes]:
     """Like `raw_request`, returning the status and the whole raw response."""
     host, port = client.server.host, client.server.port
     reader, writer = await asyncio.open_connection(host, port)
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}:{port}", "Connection: close",
-             f"Content-Length: {len(body)}"]
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Connection: close",
+        f"Content-Length: {len(body)}",
+    ]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
     await writer.drain()
@@ -69,9 +83,19 @@ class TestRequestHeaders:
         resp = await gw.client.post("/mcp", json=rpc("tools/list"), headers=headers)
         assert resp.status == 200
         seen = upstream_peer.last().headers
-        for name in ("Authorization", "Cookie", "Origin", "Forwarded", "X-Real-IP",
-                     "X-Remote-User", "X-Auth-Request-User", "X-User", "Remote-User",
-                     "Proxy-Authorization", "Keep-Alive"):
+        for name in (
+            "Authorization",
+            "Cookie",
+            "Origin",
+            "Forwarded",
+            "X-Real-IP",
+            "X-Remote-User",
+            "X-Auth-Request-User",
+            "X-User",
+            "Remote-User",
+            "Proxy-Authorization",
+            "Keep-Alive",
+        ):
             assert name not in seen, name
         assert seen.getall("X-Forwarded-For") == ["127.0.0.1"]
         assert seen.getall("X-Forwarded-Host") == ["127.0.0.1:8080"]
@@ -90,13 +114,15 @@ class TestRequestHeaders:
     async def test_mcp_headers_pass(self, make_gateway: MakeGateway, upstream_peer: Peer) -> None:
         """MCP-Protocol-Version, Mcp-Method, Mcp-Name, Mcp-Param-* and Last-Event-ID pass."""
         gw = await make_gateway()
-        headers = gw.auth(**{
-            "MCP-Protocol-Version": "2026-07-28",
-            "Mcp-Method": "tools/call",
-            "Mcp-Name": "search",
-            "Mcp-Param-Region": "eu",
-            "Last-Event-ID": "ev-7",
-        })
+        headers = gw.auth(
+            **{
+                "MCP-Protocol-Version": "2026-07-28",
+                "Mcp-Method": "tools/call",
+                "Mcp-Name": "search",
+                "Mcp-Param-Region": "eu",
+                "Last-Event-ID": "ev-7",
+            }
+        )
         resp = await gw.client.post("/mcp", json=tool_call("search"), headers=headers)
         assert resp.status == 200
         seen = upstream_peer.last().headers
@@ -119,8 +145,11 @@ class TestRequestHeaders:
 class TestForwardToken:
     async def test_identity_token(self, make_gateway: MakeGateway, upstream_peer: Peer) -> None:
         """forward_token = identity: a short-lived gateway JWT naming subject, client and amr."""
-        gw = await make_gateway(resources=[{"path": "/mcp", "upstream": upstream_peer.mcp_url,
-                                            "forward_token": "identity"}])
+        gw = await make_gateway(
+            resources=[
+                {"path": "/mcp", "upstream": upstream_peer.mcp_url, "forward_token": "identity"}
+            ]
+        )
         client_token = gw.token(sub="alice", client_id="client-9")
         resp = await gw.client.post("/mcp", json=rpc("tools/list"), headers=gw.auth(client_token))
         assert resp.status == 200
@@ -129,8 +158,13 @@ class TestForwardToken:
         identity = auth.removeprefix("Bearer ")
         assert identity != client_token
         public = gw.keys.active.private_key.public_key()
-        claims = jwt.decode(identity, public, algorithms=["ES256"],
-                            audience=upstream_peer.mcp_url, issuer="http://127.0.0.1:8080")
+        claims = jwt.decode(
+            identity,
+            public,
+            algorithms=["ES256"],
+            audience=upstream_peer.mcp_url,
+            issuer="http://127.0.0.1:8080",
+        )
         assert jwt.get_unverified_header(identity)["typ"] == "identity+jwt"
         assert (claims["sub"], claims["client_id"]) == ("alice", "client-9")
         assert claims["amr"] == ["pwd", "otp", "mfa"]
@@ -158,10 +192,12 @@ class TestForwardToken:
         """forward_token = upstream: the grant's upstream access token, never the client's."""
         gw = await self._upstream_gateway(make_gateway, upstream_peer)
         tokens = UpstreamTokens(access_token="upstream-at-123", expires_at=gw.clock.now() + 600)
-        await store_tokens(gw.store, gw.app[SEALER], "grant-7", tokens,
-                           now=gw.clock.now(), ttl=3600)
-        resp = await gw.client.post("/mcp", json=rpc("ping"),
-                                    headers=gw.auth(gw.token(gid="grant-7")))
+        await store_tokens(
+            gw.store, gw.app[SEALER], "grant-7", tokens, now=gw.clock.now(), ttl=3600
+        )
+        resp = await gw.client.post(
+            "/mcp", json=rpc("ping"), headers=gw.auth(gw.token(gid="grant-7"))
+        )
         assert resp.status == 200
         assert upstream_peer.last().headers["Authorization"] == "Bearer upstream-at-123"
 
@@ -170,11 +206,11 @@ class TestForwardToken:
     ) -> None:
         """A token without a grant id (e.g. a trusted issuer's) cannot use upstream mode."""
         gw = await self._upstream_gateway(make_gateway, upstream_peer)
-        resp = await gw.client.post("/mcp", json=rpc("ping"),
-                                    headers=gw.auth(gw.token(gid=None)))
+        resp = await gw.client.post("/mcp", json=rpc("ping"), headers=gw.auth(gw.token(gid=None)))
         assert resp.status == 401
         assert resp.headers["WWW-Authenticate"] == challenge(
-            "invalid_token", "The access token is invalid")
+            "invalid_token", "The access token is invalid"
+        )
         assert upstream_peer.seen == []
 
     async def test_upstream_token_unavailable(
@@ -182,11 +218,13 @@ class TestForwardToken:
     ) -> None:
         """No usable upstream token for the grant: 401 invalid_token, nothing forwarded."""
         gw = await self._upstream_gateway(make_gateway, upstream_peer)
-        resp = await gw.client.post("/mcp", json=rpc("ping"),
-                                    headers=gw.auth(gw.token(gid="grant-gone")))
+        resp = await gw.client.post(
+            "/mcp", json=rpc("ping"), headers=gw.auth(gw.token(gid="grant-gone"))
+        )
         assert resp.status == 401
         assert resp.headers["WWW-Authenticate"] == challenge(
-            "invalid_token", "the upstream authorization is no longer valid")
+            "invalid_token", "the upstream authorization is no longer valid"
+        )
         assert upstream_peer.seen == []
 
 
@@ -215,8 +253,7 @@ class TestOrigin:
         """An Origin not on the allow-list gets 403 before anything else (R32)."""
         gw = await make_gateway()
         for origin in ("http://evil.example", "null", "http://127.0.0.1:8081"):
-            resp = await gw.client.post("/mcp", json=rpc("ping"),
-                                        headers=gw.auth(Origin=origin))
+            resp = await gw.client.post("/mcp", json=rpc("ping"), headers=gw.auth(Origin=origin))
             assert resp.status == 403, origin
             assert (await resp.json())["error"]["message"] == "Origin not allowed"
         assert upstream_peer.seen == []
@@ -226,8 +263,11 @@ class TestOrigin:
     ) -> None:
         """Two Origin headers (one allowed) are refused: no guessing which one counts."""
         gw = await make_gateway()
-        headers = [*gw.auth().items(), ("Origin", "http://127.0.0.1:8080"),
-                   ("Origin", "http://evil.example")]
+        headers = [
+            *gw.auth().items(),
+            ("Origin", "http://127.0.0.1:8080"),
+            ("Origin", "http://evil.example"),
+        ]
         resp = await gw.client.post("/mcp", data=json.dumps(rpc("ping")), headers=headers)
         assert resp.status == 403
         assert upstream_peer.seen == []
@@ -235,8 +275,7 @@ class TestOrigin:
     async def test_allowed_origins(self, make_gateway: MakeGateway) -> None:
         """public_url's origin and configured allowed_origins pass; no Origin passes."""
         gw = await make_gateway(server={"allowed_origins": ["https://app.example"]})
-        for extra in ({"Origin": "http://127.0.0.1:8080"}, {"Origin": "https://APP.example"},
-                      {}):
+        for extra in ({"Origin": "http://127.0.0.1:8080"}, {"Origin": "https://APP.example"}, {}):
             resp = await gw.client.post("/mcp", json=rpc("ping"), headers=gw.auth(**extra))
             assert resp.status == 200, extra
 
@@ -247,15 +286,26 @@ class TestPaths:
     ) -> None:
         """Below the prefix, path and query reach the upstream unchanged."""
         gw = await make_gateway()
-        status = await raw_request(gw.client, "/mcp/sub/a%20b?x=1&y=%2F", gw.auth(),
-                                   body=json.dumps(rpc("ping")).encode())
+        status = await raw_request(
+            gw.client, "/mcp/sub/a%20b?x=1&y=%2F", gw.auth(), body=json.dumps(rpc("ping")).encode()
+        )
         assert status == 200
         assert upstream_peer.last().path_qs == "/mcp/sub/a%20b?x=1&y=%2F"
 
     @pytest.mark.parametrize(
         "target",
-        ["/mcp/../oauth/token", "/mcp/%2e%2e/x", "/mcp/%2E%2E", "/mcp/./x", "/mcp//x",
-         "/mcp/a%2fb", "/mcp/a%5cb", "/mcp/a\\b", "/mcp/%00", "/mcp/.%2e/x"],
+        [
+            "/mcp/../oauth/token",
+            "/mcp/%2e%2e/x",
+            "/mcp/%2E%2E",
+            "/mcp/./x",
+            "/mcp//x",
+            "/mcp/a%2fb",
+            "/mcp/a%5cb",
+            "/mcp/a\\b",
+            "/mcp/%00",
+            "/mcp/.%2e/x",
+        ],
     )
     async def test_escapes_refused(
         self, make_gateway: MakeGateway, upstream_peer: Peer, target: str
@@ -273,7 +323,8 @@ class TestPaths:
         (aiohttp's parser refuses most of them first; this is the second line)."""
         assert upstream_url("http://127.0.0.1:9/mcp", "", query) is None
         assert str(upstream_url("http://127.0.0.1:9/mcp", "/a", "q=%C3%A9")) == (
-            "http://127.0.0.1:9/mcp/a?q=%C3%A9")
+            "http://127.0.0.1:9/mcp/a?q=%C3%A9"
+        )
 
     async def test_prefix_is_a_segment(self, make_gateway: MakeGateway) -> None:
         """`/mcpx` is not below `/mcp`."""
@@ -291,9 +342,13 @@ class TestResponseHeaders:
         async def handler(request: web.Request) -> web.StreamResponse:
             return web.json_response(
                 {"jsonrpc": "2.0", "id": 1, "result": {}},
-                headers={"Set-Cookie": "mfagw_tx=x; Path=/", "Connection": "X-Hop",
-                         "X-Hop": "1", "MCP-Protocol-Version": "2025-11-25",
-                         "X-Kept": "yes"},
+                headers={
+                    "Set-Cookie": "mfagw_tx=x; Path=/",
+                    "Connection": "X-Hop",
+                    "X-Hop": "1",
+                    "MCP-Protocol-Version": "2025-11-25",
+                    "X-Kept": "yes",
+                },
             )
 
         upstream_peer.handler = handler
@@ -305,4 +360,3 @@ class TestResponseHeaders:
         assert resp.headers["MCP-Protocol-Version"] == "2025-11-25"
         assert resp.headers["X-Kept"] == "yes"
         assert await resp.json() == {"jsonrpc": "2.0", "id": 1, "result": {}}
-

@@ -34,12 +34,14 @@ class TestRules:
     ) -> None:
         """A denied tool gets 403 with a JSON-RPC error for its id; the server sees nothing."""
         gw = await _gw(make_gateway)
-        resp = await gw.client.post("/mcp", json=tool_call("delete_everything", id=42),
-                                    headers=gw.auth())
+        resp = await gw.client.post(
+            "/mcp", json=tool_call("delete_everything", id=42), headers=gw.auth()
+        )
         assert resp.status == 403
         assert "WWW-Authenticate" not in resp.headers
         assert await resp.json() == {
-            "jsonrpc": "2.0", "id": 42,
+            "jsonrpc": "2.0",
+            "id": 42,
             "error": {"code": -32003, "message": "Forbidden by the gateway's policy"},
         }
         assert upstream_peer.seen == []
@@ -47,8 +49,9 @@ class TestRules:
     async def test_deny_by_method(self, make_gateway: MakeGateway, upstream_peer: Peer) -> None:
         """Rules match the JSON-RPC method by glob."""
         gw = await _gw(make_gateway)
-        resp = await gw.client.post("/mcp", json=rpc("resources/read", uri="file:///etc/passwd"),
-                                    headers=gw.auth())
+        resp = await gw.client.post(
+            "/mcp", json=rpc("resources/read", uri="file:///etc/passwd"), headers=gw.auth()
+        )
         assert resp.status == 403
         assert upstream_peer.seen == []
 
@@ -61,18 +64,18 @@ class TestRules:
         assert resp.status == 200
         assert len(upstream_peer.seen) == 1
 
-    async def test_insufficient_scope(
-        self, make_gateway: MakeGateway, upstream_peer: Peer
-    ) -> None:
+    async def test_insufficient_scope(self, make_gateway: MakeGateway, upstream_peer: Peer) -> None:
         """Missing scopes: 403 insufficient_scope naming the scopes (R29)."""
         gw = await _gw(make_gateway)
         resp = await gw.client.post("/mcp", json=tool_call("admin_reset"), headers=gw.auth())
         assert resp.status == 403
         assert resp.headers["WWW-Authenticate"] == challenge(
-            "insufficient_scope", "The access token lacks a required scope", scope="mcp admin")
+            "insufficient_scope", "The access token lacks a required scope", scope="mcp admin"
+        )
         assert upstream_peer.seen == []
-        ok = await gw.client.post("/mcp", json=tool_call("admin_reset"),
-                                  headers=gw.auth(gw.token(scope="mcp admin")))
+        ok = await gw.client.post(
+            "/mcp", json=tool_call("admin_reset"), headers=gw.auth(gw.token(scope="mcp admin"))
+        )
         assert ok.status == 200
 
     async def test_step_up_max_age(self, make_gateway: MakeGateway, upstream_peer: Peer) -> None:
@@ -82,8 +85,11 @@ class TestRules:
         resp = await gw.client.post("/mcp", json=tool_call("transfer_funds"), headers=gw.auth(old))
         assert resp.status == 401
         assert resp.headers["WWW-Authenticate"] == challenge(
-            "insufficient_user_authentication", "A more recent authentication is required",
-            scope=None, max_age="300")
+            "insufficient_user_authentication",
+            "A more recent authentication is required",
+            scope=None,
+            max_age="300",
+        )
         assert upstream_peer.seen == []
         fresh = gw.token(auth_time=gw.clock.now() - 10)
         ok = await gw.client.post("/mcp", json=tool_call("transfer_funds"), headers=gw.auth(fresh))
@@ -91,14 +97,23 @@ class TestRules:
 
     async def test_default_deny(self, make_gateway: MakeGateway, upstream_peer: Peer) -> None:
         """With default_effect = deny only explicitly allowed calls pass."""
-        gw = await make_gateway(policy={"mcp": {"default_effect": "deny", "rules": [
-            {"method": "initialize"}, {"method": "tools/call", "tool": "echo"}]}})
-        assert (await gw.client.post("/mcp", json=tool_call("echo"),
-                                     headers=gw.auth())).status == 200
-        assert (await gw.client.post("/mcp", json=tool_call("other"),
-                                     headers=gw.auth())).status == 403
-        assert (await gw.client.post("/mcp", json=rpc("tools/list"),
-                                     headers=gw.auth())).status == 403
+        gw = await make_gateway(
+            policy={
+                "mcp": {
+                    "default_effect": "deny",
+                    "rules": [{"method": "initialize"}, {"method": "tools/call", "tool": "echo"}],
+                }
+            }
+        )
+        assert (
+            await gw.client.post("/mcp", json=tool_call("echo"), headers=gw.auth())
+        ).status == 200
+        assert (
+            await gw.client.post("/mcp", json=tool_call("other"), headers=gw.auth())
+        ).status == 403
+        assert (
+            await gw.client.post("/mcp", json=rpc("tools/list"), headers=gw.auth())
+        ).status == 403
         assert len(upstream_peer.seen) == 1
 
     async def test_batch_with_denied_element(
@@ -111,8 +126,9 @@ class TestRules:
         assert resp.status == 403
         assert (await resp.json())["id"] is None
         assert upstream_peer.seen == []
-        ok = await gw.client.post("/mcp", json=[tool_call("echo", 1), rpc("ping", 2)],
-                                  headers=gw.auth())
+        ok = await gw.client.post(
+            "/mcp", json=[tool_call("echo", 1), rpc("ping", 2)], headers=gw.auth()
+        )
         assert ok.status == 200
         assert len(upstream_peer.seen) == 1
 
@@ -154,11 +170,12 @@ class TestBody:
         """A body that never completes is given up on after the request time-out (slow
         clients must not hold the proxy, DESIGN §7.8)."""
         gw = await _gw(make_gateway, server={"request_timeout": "300ms"})
-        reader, writer = await asyncio.open_connection(gw.client.server.host,
-                                                       gw.client.server.port)
+        reader, writer = await asyncio.open_connection(gw.client.server.host, gw.client.server.port)
         head = "".join(f"{k}: {v}\r\n" for k, v in gw.auth().items())
-        writer.write(f"POST /mcp HTTP/1.1\r\nHost: x\r\n{head}Content-Length: 500\r\n\r\n"
-                     .encode() + b'{"jsonrpc": "2.0", ')
+        writer.write(
+            f"POST /mcp HTTP/1.1\r\nHost: x\r\n{head}Content-Length: 500\r\n\r\n".encode()
+            + b'{"jsonrpc": "2.0", '
+        )
         await writer.drain()
         try:
             async with asyncio.timeout(3):
@@ -177,11 +194,13 @@ class TestBody:
         """A client hanging up inside its body is logged as such, never as an error."""
         gw = await _gw(make_gateway, handler_cancellation=False)
         with capture_logs() as logs:
-            _reader, writer = await asyncio.open_connection(gw.client.server.host,
-                                                           gw.client.server.port)
+            _reader, writer = await asyncio.open_connection(
+                gw.client.server.host, gw.client.server.port
+            )
             head = "".join(f"{k}: {v}\r\n" for k, v in gw.auth().items())
-            writer.write(f"POST /mcp HTTP/1.1\r\nHost: x\r\n{head}Content-Length: 500\r\n"
-                         "\r\n{".encode())
+            writer.write(
+                f"POST /mcp HTTP/1.1\r\nHost: x\r\n{head}Content-Length: 500\r\n\r\n{{".encode()
+            )
             await writer.drain()
             await asyncio.sleep(0.1)
             writer.close()
@@ -203,8 +222,11 @@ class TestBody:
 
     @pytest.mark.parametrize(
         ("raw", "code"),
-        [(b"{nope", -32700), (b"[]", -32600), (b'{"jsonrpc":"2.0","id":1,"method":"tools/call"}',
-                                             -32602)],
+        [
+            (b"{nope", -32700),
+            (b"[]", -32600),
+            (b'{"jsonrpc":"2.0","id":1,"method":"tools/call"}', -32602),
+        ],
     )
     async def test_malformed_jsonrpc(
         self, make_gateway: MakeGateway, upstream_peer: Peer, raw: bytes, code: int
@@ -234,8 +256,9 @@ class TestRoutingHeaders:
     ) -> None:
         """Mcp-Name naming a harmless tool over a denied one is 400."""
         gw = await _gw(make_gateway)
-        headers = gw.auth(**{"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call",
-                             "Mcp-Name": "echo"})
+        headers = gw.auth(
+            **{"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "echo"}
+        )
         resp = await gw.client.post("/mcp", json=tool_call("admin_x"), headers=headers)
         assert resp.status == 400
         assert upstream_peer.seen == []
@@ -245,8 +268,7 @@ class TestRoutingHeaders:
     ) -> None:
         """A routing header sent twice is refused (first- and last-copy readers disagree)."""
         gw = await _gw(make_gateway)
-        headers = [*gw.auth().items(), ("Mcp-Method", "tools/call"),
-                   ("Mcp-Method", "tools/list")]
+        headers = [*gw.auth().items(), ("Mcp-Method", "tools/call"), ("Mcp-Method", "tools/list")]
         resp = await gw.client.post("/mcp", data=json.dumps(tool_call("echo")), headers=headers)
         assert resp.status == 400
         assert (await resp.json())["error"]["code"] == -32020
@@ -257,24 +279,26 @@ class TestRoutingHeaders:
     ) -> None:
         """Agreeing routing headers pass and are forwarded."""
         gw = await _gw(make_gateway)
-        headers = gw.auth(**{"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call",
-                             "Mcp-Name": "echo"})
+        headers = gw.auth(
+            **{"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": "echo"}
+        )
         resp = await gw.client.post("/mcp", json=tool_call("echo"), headers=headers)
         assert resp.status == 200
 
 
 class TestAuditAndMetrics:
-    async def test_audit_names_tool_never_arguments(
-        self, make_gateway: MakeGateway
-    ) -> None:
+    async def test_audit_names_tool_never_arguments(self, make_gateway: MakeGateway) -> None:
         """mcp_allowed / mcp_denied carry reason, method and tool, never tool arguments."""
         gw = await _gw(make_gateway)
         with capture_logs() as logs:
-            await gw.client.post("/mcp", json=tool_call("echo", secret_arg="canary-1"),
-                                 headers=gw.auth())
-            await gw.client.post("/mcp", json=tool_call("delete_everything",
-                                                        secret_arg="canary-2"),
-                                 headers=gw.auth())
+            await gw.client.post(
+                "/mcp", json=tool_call("echo", secret_arg="canary-1"), headers=gw.auth()
+            )
+            await gw.client.post(
+                "/mcp",
+                json=tool_call("delete_everything", secret_arg="canary-2"),
+                headers=gw.auth(),
+            )
         events = [e for e in logs if e["event"] in ("mcp_allowed", "mcp_denied")]
         assert [(e["event"], e["method"], e.get("tool"), e["reason"]) for e in events] == [
             ("mcp_allowed", "tools/call", "echo", "allowed"),
@@ -294,9 +318,15 @@ class TestAuditAndMetrics:
         await gw.client.post("/mcp", json=tool_call("delete_x"), headers=gw.auth())
         await gw.client.post("/mcp", json=tool_call("echo"))
         text = gw.app[METRICS].render().decode()
-        assert ('mfagw_mcp_requests_total{outcome="allowed",reason="allowed",resource="/mcp"} 1.0'
-                in text)
-        assert ('mfagw_mcp_requests_total{outcome="denied",reason="rule_denied",'
-                'resource="/mcp"} 1.0' in text)
-        assert ('mfagw_mcp_requests_total{outcome="denied",reason="missing_token",'
-                'resource="/mcp"} 1.0' in text)
+        assert (
+            'mfagw_mcp_requests_total{outcome="allowed",reason="allowed",resource="/mcp"} 1.0'
+            in text
+        )
+        assert (
+            'mfagw_mcp_requests_total{outcome="denied",reason="rule_denied",'
+            'resource="/mcp"} 1.0' in text
+        )
+        assert (
+            'mfagw_mcp_requests_total{outcome="denied",reason="missing_token",'
+            'resource="/mcp"} 1.0' in text
+        )

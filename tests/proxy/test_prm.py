@@ -11,10 +11,12 @@ from tests.proxy.conftest import PRM, MakeGateway, challenge
 class TestDocuments:
     async def test_document_per_resource(self, make_gateway: MakeGateway) -> None:
         """Each resource has its document at the well-known path + its own path (R2)."""
-        gw = await make_gateway(resources=[
-            {"path": "/mcp", "upstream": "http://127.0.0.1:9/mcp", "name": "Tools"},
-            {"path": "/team/mcp", "upstream": "http://127.0.0.1:9/mcp"},
-        ])
+        gw = await make_gateway(
+            resources=[
+                {"path": "/mcp", "upstream": "http://127.0.0.1:9/mcp", "name": "Tools"},
+                {"path": "/team/mcp", "upstream": "http://127.0.0.1:9/mcp"},
+            ]
+        )
         resp = await gw.client.get("/.well-known/oauth-protected-resource/mcp")
         assert resp.status == 200
         assert resp.content_type == "application/json"
@@ -39,8 +41,13 @@ class TestDocuments:
 
     async def test_trusted_issuers_listed_after_gateway(self, make_gateway: MakeGateway) -> None:
         """Trusted issuers are further authorization servers; the gateway stays first (R1)."""
-        gw = await make_gateway(keys={"trusted_issuers": [
-            {"issuer": "https://idp.example", "jwks_uri": "https://idp.example/jwks"}]})
+        gw = await make_gateway(
+            keys={
+                "trusted_issuers": [
+                    {"issuer": "https://idp.example", "jwks_uri": "https://idp.example/jwks"}
+                ]
+            }
+        )
         doc = await (await gw.client.get("/.well-known/oauth-protected-resource/mcp")).json()
         assert doc["authorization_servers"] == ["http://127.0.0.1:8080", "https://idp.example"]
 
@@ -48,10 +55,14 @@ class TestDocuments:
 class TestBuilder:
     def test_empty_arrays_omitted(self) -> None:
         """Empty scopes_supported is left out (R2)."""
-        doc = protected_resource_metadata(resource="https://gw/mcp",
-                                          authorization_servers=["https://gw"])
-        assert doc == {"resource": "https://gw/mcp", "authorization_servers": ["https://gw"],
-                       "bearer_methods_supported": ["header"]}
+        doc = protected_resource_metadata(
+            resource="https://gw/mcp", authorization_servers=["https://gw"]
+        )
+        assert doc == {
+            "resource": "https://gw/mcp",
+            "authorization_servers": ["https://gw"],
+            "bearer_methods_supported": ["header"],
+        }
 
     def test_needs_an_authorization_server(self) -> None:
         """R1: at least one authorization server."""
@@ -61,8 +72,14 @@ class TestBuilder:
     @pytest.mark.parametrize(
         ("resource", "url"),
         [
-            ("https://gw.example/mcp", "https://gw.example/.well-known/oauth-protected-resource/mcp"),
-            ("https://gw.example/a/b", "https://gw.example/.well-known/oauth-protected-resource/a/b"),
+            (
+                "https://gw.example/mcp",
+                "https://gw.example/.well-known/oauth-protected-resource/mcp",
+            ),
+            (
+                "https://gw.example/a/b",
+                "https://gw.example/.well-known/oauth-protected-resource/a/b",
+            ),
             ("https://gw.example/", "https://gw.example/.well-known/oauth-protected-resource"),
         ],
     )

@@ -30,8 +30,7 @@ async def shared_stores(redis_url: str) -> AsyncIterator[StoreFactory]:
     clock = FixedClock(SystemClock().now())
 
     def factory(url: str = redis_url) -> RedisStore:
-        store = RedisStore.from_url(url, clock=clock, key_prefix=prefix, timeout=1.0,
-                                    heartbeat=1.0)
+        store = RedisStore.from_url(url, clock=clock, key_prefix=prefix, timeout=1.0, heartbeat=1.0)
         made.append(store)
         return store
 
@@ -81,8 +80,9 @@ async def test_session_bound_across_replicas(
     async def handler(request: web.Request) -> web.StreamResponse:
         msg = json.loads(await request.read())
         headers = {"Mcp-Session-Id": "s-42"} if msg.get("method") == "initialize" else {}
-        return web.json_response({"jsonrpc": "2.0", "id": msg.get("id"), "result": {}},
-                                 headers=headers)
+        return web.json_response(
+            {"jsonrpc": "2.0", "id": msg.get("id"), "result": {}}, headers=headers
+        )
 
     upstream_peer.handler = handler
     a = await make_gateway(store=shared_stores())
@@ -102,13 +102,15 @@ async def test_redis_outage_fails_closed_then_recovers(
     server = RedisServerProcess(tmp_path)
     server.start()
     prefix = f"outage-{secrets.token_hex(4)}:"
-    store = RedisStore.from_url(server.url, clock=SystemClock(), key_prefix=prefix,
-                                timeout=0.5, heartbeat=0.5)
+    store = RedisStore.from_url(
+        server.url, clock=SystemClock(), key_prefix=prefix, timeout=0.5, heartbeat=0.5
+    )
     try:
         gw: Gateway = await make_gateway(store=store)
         token = gw.token()
-        assert (await gw.client.post("/mcp", json=rpc("ping"),
-                                     headers=gw.auth(token))).status == 200
+        assert (
+            await gw.client.post("/mcp", json=rpc("ping"), headers=gw.auth(token))
+        ).status == 200
         server.stop()
         await eventually(lambda: not gw.state.revocations.current, within=5)
         resp = await gw.client.post("/mcp", json=rpc("ping"), headers=gw.auth(token))

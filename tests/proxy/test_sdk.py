@@ -36,10 +36,14 @@ from tests.fixtures.peers import McpServer, McpServerFactory
 
 pytestmark = pytest.mark.e2e
 
-POLICY = {"mcp": {"rules": [
-    {"method": "tools/call", "tool": "delete_everything", "effect": "deny"},
-    {"method": "tools/call", "tool": "transfer_funds", "max_auth_age": "5m"},
-]}}
+POLICY = {
+    "mcp": {
+        "rules": [
+            {"method": "tools/call", "tool": "delete_everything", "effect": "deny"},
+            {"method": "tools/call", "tool": "transfer_funds", "max_auth_age": "5m"},
+        ]
+    }
+}
 
 
 @dataclass
@@ -53,9 +57,18 @@ class Stack:
     def token(self, sub: str = "alice", *, auth_time_ago: float = 60.0) -> str:
         now = SystemClock().now()
         claims = build_access_claims(
-            issuer=self.settings.issuer, sub=sub, audience=self.settings.issuer + "/mcp",
-            client_id="sdk-client", scope="mcp", auth_time=now - auth_time_ago,
-            amr=["pwd", "otp", "mfa"], acr="urn:mfa-gateway:totp", gid="g1", now=now, ttl=600)
+            issuer=self.settings.issuer,
+            sub=sub,
+            audience=self.settings.issuer + "/mcp",
+            client_id="sdk-client",
+            scope="mcp",
+            auth_time=now - auth_time_ago,
+            amr=["pwd", "otp", "mfa"],
+            acr="urn:mfa-gateway:totp",
+            gid="g1",
+            now=now,
+            ttl=600,
+        )
         return mint_access_token(claims, self.app[KEYS].active)
 
 
@@ -72,9 +85,11 @@ async def stack(
 
     async def factory(*, stateful: bool = False, forward_token: str = "none") -> Stack:
         server = mcp_server_factory(stateful=stateful)
-        path = make_config(tmp_path, resources=[
-            {"path": "/mcp", "upstream": server.url, "forward_token": forward_token}],
-            policy=POLICY)
+        path = make_config(
+            tmp_path,
+            resources=[{"path": "/mcp", "upstream": server.url, "forward_token": forward_token}],
+            policy=POLICY,
+        )
         settings = load_settings(path)
         store = MemoryStore(SystemClock())
         app = build_app(settings, store=store)
@@ -89,8 +104,9 @@ async def stack(
 
 @asynccontextmanager
 async def sdk(stack: Stack, token: str, mode: str = "auto") -> AsyncIterator[Any]:
-    async with plain_mcp_client(stack.url, mode=mode,
-                                headers={"Authorization": "Bearer " + token}) as client:
+    async with plain_mcp_client(
+        stack.url, mode=mode, headers={"Authorization": "Bearer " + token}
+    ) as client:
         yield client
 
 
@@ -134,15 +150,23 @@ class TestSdkThroughGateway:
             assert len(sids) == 1
             sid = sids.pop()
             seen = len(s.server.records("http"))
-            body = {"jsonrpc": "2.0", "id": 9, "method": "tools/call",
-                    "params": {"name": "echo", "arguments": {"text": "x"}}}
-            resp = await s.client.post("/mcp", data=json.dumps(body), headers={
-                "Authorization": "Bearer " + s.token("mallory"),
-                "Content-Type": "application/json",
-                "Accept": "application/json, text/event-stream",
-                "Mcp-Session-Id": sid,
-                "MCP-Protocol-Version": "2025-11-25",
-            })
+            body = {
+                "jsonrpc": "2.0",
+                "id": 9,
+                "method": "tools/call",
+                "params": {"name": "echo", "arguments": {"text": "x"}},
+            }
+            resp = await s.client.post(
+                "/mcp",
+                data=json.dumps(body),
+                headers={
+                    "Authorization": "Bearer " + s.token("mallory"),
+                    "Content-Type": "application/json",
+                    "Accept": "application/json, text/event-stream",
+                    "Mcp-Session-Id": sid,
+                    "MCP-Protocol-Version": "2025-11-25",
+                },
+            )
             assert resp.status == 404
             assert len(s.server.records("http")) == seen
             assert _text(await client.call_tool("echo", {"text": "again"})) == "again"
@@ -159,9 +183,13 @@ class TestSdkThroughGateway:
         assert auth.startswith("Bearer ")
         identity = auth.removeprefix("Bearer ")
         assert identity != token
-        claims = jwt.decode(identity, s.app[KEYS].active.private_key.public_key(),
-                            algorithms=["ES256"], audience=s.server.url,
-                            issuer=s.settings.issuer)
+        claims = jwt.decode(
+            identity,
+            s.app[KEYS].active.private_key.public_key(),
+            algorithms=["ES256"],
+            audience=s.server.url,
+            issuer=s.settings.issuer,
+        )
         assert (claims["sub"], claims["client_id"]) == ("alice", "sdk-client")
         assert "mfa" in claims["amr"]
 
@@ -174,7 +202,8 @@ class TestSdkThroughGateway:
             seen.append(value)
 
         async with sdk(s, s.token()) as client:
-            result = await client.call_tool("count", {"n": 3, "delay": 0.05},
-                                            progress_callback=progress)
+            result = await client.call_tool(
+                "count", {"n": 3, "delay": 0.05}, progress_callback=progress
+            )
         assert _text(result) == "counted to 3"
         assert seen == [1, 2, 3]

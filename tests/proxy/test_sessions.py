@@ -20,15 +20,17 @@ def _session_server(peer: Peer, session_id: str = SID) -> None:
             return web.Response(status=204)
         msg = json.loads(await request.read())
         headers = {"Mcp-Session-Id": session_id} if msg.get("method") == "initialize" else {}
-        return web.json_response({"jsonrpc": "2.0", "id": msg.get("id"), "result": {}},
-                                 headers=headers)
+        return web.json_response(
+            {"jsonrpc": "2.0", "id": msg.get("id"), "result": {}}, headers=headers
+        )
 
     peer.handler = handler
 
 
 async def _initialize(gw: Gateway, sub: str = "alice") -> str:
-    resp = await gw.client.post("/mcp", json=rpc("initialize", 0),
-                                headers=gw.auth(gw.token(sub=sub)))
+    resp = await gw.client.post(
+        "/mcp", json=rpc("initialize", 0), headers=gw.auth(gw.token(sub=sub))
+    )
     assert resp.status == 200
     return resp.headers["Mcp-Session-Id"]
 
@@ -43,8 +45,9 @@ class TestSessionBinding:
         sid = await _initialize(gw)
         assert sid == SID
         assert await gw.store.session_owner(SID) == "http://127.0.0.1:8080#alice"
-        resp = await gw.client.post("/mcp", json=rpc("tools/list"),
-                                    headers=gw.auth(**{"Mcp-Session-Id": sid}))
+        resp = await gw.client.post(
+            "/mcp", json=rpc("tools/list"), headers=gw.auth(**{"Mcp-Session-Id": sid})
+        )
         assert resp.status == 200
         assert upstream_peer.last().headers["Mcp-Session-Id"] == sid
 
@@ -58,14 +61,20 @@ class TestSessionBinding:
         seen = len(upstream_peer.seen)
         with capture_logs() as logs:
             resp = await gw.client.post(
-                "/mcp", json=rpc("tools/list", 4),
-                headers=gw.auth(gw.token(sub="bob"), **{"Mcp-Session-Id": sid}))
+                "/mcp",
+                json=rpc("tools/list", 4),
+                headers=gw.auth(gw.token(sub="bob"), **{"Mcp-Session-Id": sid}),
+            )
         assert resp.status == 404
-        assert await resp.json() == {"jsonrpc": "2.0", "id": 4,
-                                     "error": {"code": -32600, "message": "Session not found"}}
+        assert await resp.json() == {
+            "jsonrpc": "2.0",
+            "id": 4,
+            "error": {"code": -32600, "message": "Session not found"},
+        }
         assert len(upstream_peer.seen) == seen
         assert [e["event"] for e in logs if e["event"] == "session_hijack_refused"] == [
-            "session_hijack_refused"]
+            "session_hijack_refused"
+        ]
         assert SID not in repr(logs)
 
     async def test_other_subject_refused_on_get_and_delete(
@@ -85,8 +94,9 @@ class TestSessionBinding:
     ) -> None:
         """A session id the gateway never bound is not forwarded."""
         gw = await make_gateway()
-        resp = await gw.client.post("/mcp", json=rpc("tools/list"),
-                                    headers=gw.auth(**{"Mcp-Session-Id": "made-up"}))
+        resp = await gw.client.post(
+            "/mcp", json=rpc("tools/list"), headers=gw.auth(**{"Mcp-Session-Id": "made-up"})
+        )
         assert resp.status == 404
         assert upstream_peer.seen == []
 
@@ -95,8 +105,9 @@ class TestSessionBinding:
     ) -> None:
         """Session ids are visible ASCII (MCP-TR); anything else is a bad request."""
         gw = await make_gateway()
-        resp = await gw.client.post("/mcp", json=rpc("tools/list"),
-                                    headers=gw.auth(**{"Mcp-Session-Id": "a b"}))
+        resp = await gw.client.post(
+            "/mcp", json=rpc("tools/list"), headers=gw.auth(**{"Mcp-Session-Id": "a b"})
+        )
         assert resp.status == 400
         assert upstream_peer.seen == []
 
@@ -112,8 +123,9 @@ class TestSessionBinding:
         assert resp.status == 204
         assert upstream_peer.last().method == "DELETE"
         assert await gw.store.session_owner(sid) is None
-        again = await gw.client.post("/mcp", json=rpc("ping"),
-                                     headers=gw.auth(**{"Mcp-Session-Id": sid}))
+        again = await gw.client.post(
+            "/mcp", json=rpc("ping"), headers=gw.auth(**{"Mcp-Session-Id": sid})
+        )
         assert again.status == 404
 
     async def test_invalid_session_id_from_server_502(

@@ -28,8 +28,9 @@ def _free_port() -> int:
 
 
 async def _sse_start(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache"})
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
     await resp.prepare(request)
     return resp
 
@@ -80,8 +81,11 @@ class TestSse:
 
         upstream_peer.handler = handler
         gw = await make_gateway()
-        headers = {"Authorization": "Bearer " + gw.token(), "Accept": "text/event-stream",
-                   "Last-Event-ID": "7"}
+        headers = {
+            "Authorization": "Bearer " + gw.token(),
+            "Accept": "text/event-stream",
+            "Last-Event-ID": "7",
+        }
         resp = await gw.client.get("/mcp", headers=headers)
         assert resp.status == 200
         assert await resp.read() == b"id: 8\ndata: {}\n\n"
@@ -134,13 +138,17 @@ class TestDisconnect:
 
     @pytest.mark.parametrize("chatty", [False, True])
     async def test_disconnect_noticed_without_handler_cancellation(
-        self, upstream_peer: Peer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        self,
+        upstream_peer: Peer,
+        monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path,
         chatty: bool,
     ) -> None:
         """Served without aiohttp's handler cancellation, the relay still notices: the stream
         sweeper for a silent stream, the failed write for a chatty one."""
         monkeypatch.setattr(mcp_routes, "DISCONNECT_POLL", 0.1 if not chatty else 60)
         if chatty:
+
             async def handler(request: web.Request) -> web.StreamResponse:
                 resp = await _sse_start(request)
                 await resp.write(b"data: 1\n\n")
@@ -152,8 +160,9 @@ class TestDisconnect:
             upstream_peer.handler = handler
         else:
             await _stream_then_hang(upstream_peer)
-        settings = load_settings(make_config(
-            tmp_path, resources=[{"path": "/mcp", "upstream": upstream_peer.mcp_url}]))
+        settings = load_settings(
+            make_config(tmp_path, resources=[{"path": "/mcp", "upstream": upstream_peer.mcp_url}])
+        )
         clock = FixedClock(SystemClock().now())
         app = build_test_app(settings, MemoryStore(clock), clock)
         runner = web.AppRunner(app, handler_cancellation=False)
@@ -164,15 +173,26 @@ class TestDisconnect:
             async with asyncio.timeout(5):
                 await app[mcp_routes.MCP_STATE].revocations.wait_current()
             claims = build_access_claims(
-                issuer=settings.issuer, sub="alice", audience=settings.issuer + "/mcp",
-                client_id="c", scope="mcp", auth_time=clock.now(), amr=["mfa"], acr=None,
-                gid="g", now=clock.now(), ttl=600)
+                issuer=settings.issuer,
+                sub="alice",
+                audience=settings.issuer + "/mcp",
+                client_id="c",
+                scope="mcp",
+                auth_time=clock.now(),
+                amr=["mfa"],
+                acr=None,
+                gid="g",
+                now=clock.now(),
+                ttl=600,
+            )
             token = mint_access_token(claims, app[KEYS].active)
             port = runner.addresses[0][1]
             async with aiohttp.ClientSession() as http:
                 resp = await http.post(
-                    f"http://127.0.0.1:{port}/mcp", json=tool_call("count"),
-                    headers={"Authorization": "Bearer " + token})
+                    f"http://127.0.0.1:{port}/mcp",
+                    json=tool_call("count"),
+                    headers={"Authorization": "Bearer " + token},
+                )
                 async with asyncio.timeout(5):
                     assert await resp.content.readuntil(b"\n\n") == b"data: 1\n\n"
                 resp.close()
@@ -183,16 +203,21 @@ class TestDisconnect:
 
 
 class TestFailures:
-    async def _error(self, resp: aiohttp.ClientResponse, status: int, message: str,
-                     id: Any = 1) -> None:
+    async def _error(
+        self, resp: aiohttp.ClientResponse, status: int, message: str, id: Any = 1
+    ) -> None:
         assert resp.status == status
-        assert await resp.json() == {"jsonrpc": "2.0", "id": id,
-                                     "error": {"code": -32603, "message": message}}
+        assert await resp.json() == {
+            "jsonrpc": "2.0",
+            "id": id,
+            "error": {"code": -32603, "message": message},
+        }
 
     async def test_dead_server_502(self, make_gateway: MakeGateway) -> None:
         """Nothing listening: 502 with a JSON-RPC error, at once."""
         gw = await make_gateway(
-            resources=[{"path": "/mcp", "upstream": f"http://127.0.0.1:{_free_port()}/mcp"}])
+            resources=[{"path": "/mcp", "upstream": f"http://127.0.0.1:{_free_port()}/mcp"}]
+        )
         resp = await gw.client.post("/mcp", json=rpc("ping", 1), headers=gw.auth())
         await self._error(resp, 502, "The MCP server is unreachable")
 
@@ -212,9 +237,7 @@ class TestFailures:
         resp = await gw.client.post("/mcp", json=rpc("ping", 3), headers=gw.auth())
         await self._error(resp, 502, "The MCP server is unreachable", id=3)
 
-    async def test_stalled_server_504(
-        self, make_gateway: MakeGateway, upstream_peer: Peer
-    ) -> None:
+    async def test_stalled_server_504(self, make_gateway: MakeGateway, upstream_peer: Peer) -> None:
         """A server that never answers: 504 after the request time-out, never a hang."""
 
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -234,8 +257,9 @@ class TestFailures:
     ) -> None:
         """A stream silent for longer than read_timeout is closed, upstream and downstream."""
         await _stream_then_hang(upstream_peer)
-        gw = await make_gateway(resources=[{"path": "/mcp", "upstream": upstream_peer.mcp_url,
-                                            "read_timeout": "300ms"}])
+        gw = await make_gateway(
+            resources=[{"path": "/mcp", "upstream": upstream_peer.mcp_url, "read_timeout": "300ms"}]
+        )
         resp = await gw.client.post("/mcp", json=tool_call("count"), headers=gw.auth())
         async with asyncio.timeout(5):
             assert await resp.content.readuntil(b"\n\n") == b"data: 1\n\n"

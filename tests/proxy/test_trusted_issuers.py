@@ -27,8 +27,9 @@ from tests.proxy.conftest import Gateway, MakeGateway, Peer, challenge, rpc
 
 
 def _key(kid: str) -> SigningKey:
-    return SigningKey(kid, "ES256", load_private_key_pem(generate_private_key_pem("ES256"),
-                                                         "ES256"))
+    return SigningKey(
+        kid, "ES256", load_private_key_pem(generate_private_key_pem("ES256"), "ES256")
+    )
 
 
 @dataclass
@@ -72,17 +73,36 @@ async def idp(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Idp:
 def _token(gw: Gateway, idp: Idp, key: SigningKey, **changes: Any) -> str:
     now = gw.clock.now()
     claims = build_access_claims(
-        issuer=idp.url, sub="carol", audience="http://127.0.0.1:8080/mcp", client_id="ext",
-        scope="mcp", auth_time=now - 10, amr=["pwd", "otp", "mfa"], acr=None, gid="g",
-        now=now, ttl=600)
+        issuer=idp.url,
+        sub="carol",
+        audience="http://127.0.0.1:8080/mcp",
+        client_id="ext",
+        scope="mcp",
+        auth_time=now - 10,
+        amr=["pwd", "otp", "mfa"],
+        acr=None,
+        gid="g",
+        now=now,
+        ttl=600,
+    )
     claims.update(changes)
     return mint_access_token(claims, key)
 
 
 async def _gateway(make_gateway: MakeGateway, idp: Idp) -> Gateway:
-    return await make_gateway(keys={"trusted_issuers": [{
-        "issuer": idp.url, "jwks_uri": idp.url + "/jwks", "algs": ["ES256"],
-        "cache_ttl": "5m", "min_refresh_interval": "30s"}]})
+    return await make_gateway(
+        keys={
+            "trusted_issuers": [
+                {
+                    "issuer": idp.url,
+                    "jwks_uri": idp.url + "/jwks",
+                    "algs": ["ES256"],
+                    "cache_ttl": "5m",
+                    "min_refresh_interval": "30s",
+                }
+            ]
+        }
+    )
 
 
 class TestTrustedIssuer:
@@ -96,8 +116,9 @@ class TestTrustedIssuer:
             resp = await gw.client.post("/mcp", json=rpc("ping"), headers=gw.auth(token))
             assert resp.status == 200
         other = _token(gw, idp, idp.keys[0], sub="dave")
-        assert (await gw.client.post("/mcp", json=rpc("ping"),
-                                     headers=gw.auth(other))).status == 200
+        assert (
+            await gw.client.post("/mcp", json=rpc("ping"), headers=gw.auth(other))
+        ).status == 200
         assert idp.fetches == 1
 
     async def test_unknown_kid_refresh_is_throttled(
@@ -105,26 +126,33 @@ class TestTrustedIssuer:
     ) -> None:
         """Unknown kids trigger at most one JWKS refresh per min_refresh_interval."""
         gw = await _gateway(make_gateway, idp)
-        assert (await gw.client.post("/mcp", json=rpc("ping"),
-                                     headers=gw.auth(_token(gw, idp, idp.keys[0])))).status == 200
+        assert (
+            await gw.client.post(
+                "/mcp", json=rpc("ping"), headers=gw.auth(_token(gw, idp, idp.keys[0]))
+            )
+        ).status == 200
         for kid in ("x1", "x2", "x3"):
-            resp = await gw.client.post("/mcp", json=rpc("ping"),
-                                        headers=gw.auth(_token(gw, idp, _key(kid))))
+            resp = await gw.client.post(
+                "/mcp", json=rpc("ping"), headers=gw.auth(_token(gw, idp, _key(kid)))
+            )
             assert resp.status == 401
             assert resp.headers["WWW-Authenticate"] == challenge(
-                "invalid_token", "The access token is invalid")
+                "invalid_token", "The access token is invalid"
+            )
         assert idp.fetches == 1  # loaded just now: no refresh within the interval
         gw.clock.advance(31)
         for kid in ("x4", "x5"):
-            await gw.client.post("/mcp", json=rpc("ping"),
-                                 headers=gw.auth(_token(gw, idp, _key(kid))))
+            await gw.client.post(
+                "/mcp", json=rpc("ping"), headers=gw.auth(_token(gw, idp, _key(kid)))
+            )
         assert idp.fetches == 2  # one refresh for x4, none for x5
 
     async def test_rotated_key_picked_up(self, make_gateway: MakeGateway, idp: Idp) -> None:
         """A new key in the JWKS is found by the refresh an unknown kid triggers."""
         gw = await _gateway(make_gateway, idp)
-        await gw.client.post("/mcp", json=rpc("ping"), headers=gw.auth(_token(gw, idp,
-                                                                               idp.keys[0])))
+        await gw.client.post(
+            "/mcp", json=rpc("ping"), headers=gw.auth(_token(gw, idp, idp.keys[0]))
+        )
         new = _key("t2")
         idp.keys.append(new)
         gw.clock.advance(31)
@@ -135,8 +163,9 @@ class TestTrustedIssuer:
         """No keys can be had: 503, never a pass."""
         idp.status = 500
         gw = await _gateway(make_gateway, idp)
-        resp = await gw.client.post("/mcp", json=rpc("ping", 2),
-                                    headers=gw.auth(_token(gw, idp, idp.keys[0])))
+        resp = await gw.client.post(
+            "/mcp", json=rpc("ping", 2), headers=gw.auth(_token(gw, idp, idp.keys[0]))
+        )
         assert resp.status == 503
         assert (await resp.json())["error"]["code"] == -32603
 
@@ -158,8 +187,10 @@ class TestTrustedIssuer:
         resp = await gw.client.post("/mcp", json=rpc("ping"), headers=gw.auth(token))
         assert resp.status == 401
         assert resp.headers["WWW-Authenticate"] == challenge(
-            "insufficient_user_authentication", "Multi-factor authentication is required",
-            scope=None)
+            "insufficient_user_authentication",
+            "Multi-factor authentication is required",
+            scope=None,
+        )
 
 
 class TestJwksCache:

@@ -26,8 +26,11 @@ ISSUER = "https://gw.example"
 
 def _ring(*algs: str) -> KeyRing:
     keys = [
-        SigningKey(kid=f"k{i}", alg=alg, private_key=load_private_key_pem(
-            generate_private_key_pem(alg), alg))
+        SigningKey(
+            kid=f"k{i}",
+            alg=alg,
+            private_key=load_private_key_pem(generate_private_key_pem(alg), alg),
+        )
         for i, alg in enumerate(algs)
     ]
     return KeyRing(ISSUER, keys, keys[0].kid)
@@ -153,9 +156,7 @@ class TestFromSettings:
         settings = load_settings(path)
         with pytest.raises(ConfigError) as info:
             KeyRing.from_settings(settings)
-        assert info.value.problems == [
-            f"{path}: keys.signing[0].file: the key is not a ES256 key"
-        ]
+        assert info.value.problems == [f"{path}: keys.signing[0].file: the key is not a ES256 key"]
 
     def test_dev_generate_makes_an_in_memory_key(self, tmp_path: Path) -> None:
         """With `dev_generate` and no keys, an ES256 key is generated (never written)."""
@@ -209,28 +210,36 @@ class TestTrustedJwk:
     @pytest.mark.parametrize("alg", ["HS256", "none", "RS256", "ES384"])
     def test_alg_inconsistent_with_key_refused(self, alg: str) -> None:
         """An EC key claiming HMAC, none or an RSA algorithm is unusable (no key confusion)."""
-        assert verification_key_from_jwk(
-            _ec_jwk(alg=alg), issuer="https://idp", allowed_algs=self.ALL
-        ) is None
+        assert (
+            verification_key_from_jwk(_ec_jwk(alg=alg), issuer="https://idp", allowed_algs=self.ALL)
+            is None
+        )
 
     def test_alg_outside_issuer_allow_list_refused(self) -> None:
         """The issuer's `algs` allow-list is enforced per key."""
-        assert verification_key_from_jwk(
-            _ec_jwk(alg="ES256"), issuer="https://idp", allowed_algs=("RS256",)
-        ) is None
+        assert (
+            verification_key_from_jwk(
+                _ec_jwk(alg="ES256"), issuer="https://idp", allowed_algs=("RS256",)
+            )
+            is None
+        )
 
     def test_private_material_refused(self) -> None:
         """A JWK carrying a private member (`d`) is never used."""
-        assert verification_key_from_jwk(
-            _ec_jwk(d="AAAA"), issuer="https://idp", allowed_algs=self.ALL
-        ) is None
+        assert (
+            verification_key_from_jwk(
+                _ec_jwk(d="AAAA"), issuer="https://idp", allowed_algs=self.ALL
+            )
+            is None
+        )
 
     @pytest.mark.parametrize("extra", [{"use": "enc"}, {"key_ops": ["encrypt"]}])
     def test_non_signature_keys_refused(self, extra: dict[str, Any]) -> None:
         """Encryption keys are not signature keys."""
-        assert verification_key_from_jwk(
-            _ec_jwk(**extra), issuer="https://idp", allowed_algs=self.ALL
-        ) is None
+        assert (
+            verification_key_from_jwk(_ec_jwk(**extra), issuer="https://idp", allowed_algs=self.ALL)
+            is None
+        )
 
     @pytest.mark.parametrize("kid", [None, "", "a/../b", "x" * 200, "new\nline"])
     def test_malformed_kid_refused(self, kid: str | None) -> None:

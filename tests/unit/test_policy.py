@@ -38,8 +38,12 @@ def _body(obj: Any) -> bytes:
 
 
 def _call(tool: str, id: int = 1) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "id": id, "method": "tools/call",
-            "params": {"name": tool, "arguments": {"secret": "x"}}}
+    return {
+        "jsonrpc": "2.0",
+        "id": id,
+        "method": "tools/call",
+        "params": {"name": tool, "arguments": {"secret": "x"}},
+    }
 
 
 def _req(method: str, id: int | str = 1, **params: Any) -> dict[str, Any]:
@@ -125,9 +129,7 @@ class TestInspect:
         """Malformed messages and empty batches are invalid requests (-32600)."""
         _refused(_body(obj), INVALID_REQUEST)
 
-    @pytest.mark.parametrize(
-        "params", [None, {}, {"name": 5}, {"name": None}, {"arguments": {}}]
-    )
+    @pytest.mark.parametrize("params", [None, {}, {"name": 5}, {"name": None}, {"arguments": {}}])
     def test_tools_call_needs_a_name(self, params: Any) -> None:
         """A tools/call whose tool cannot be told is refused, so tool rules cannot be dodged."""
         msg: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": "tools/call"}
@@ -156,9 +158,14 @@ def test_inspector_raises_only_its_error_on_bytes(raw: bytes) -> None:
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["jsonrpc", "id", "method", "params", "name", "result", "error", "x"]),
-        inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["jsonrpc", "id", "method", "params", "name", "result", "error", "x"]),
+            inner,
+            max_size=5,
+        )
+    ),
     max_leaves=12,
 )
 
@@ -259,10 +266,17 @@ def _policy(*rules: McpRule, default: str = "allow") -> McpPolicy:
     return McpPolicy(rules=rules, default_effect=default)
 
 
-def _facts(method: str = "tools/call", tool: str | None = "search", *, scopes: str = "mcp",
-           auth_time: float | None = NOW - 60, acr: str | None = None) -> Facts:
-    return Facts(method=method, tool=tool, scopes=frozenset(scopes.split()),
-                 auth_time=auth_time, acr=acr)
+def _facts(
+    method: str = "tools/call",
+    tool: str | None = "search",
+    *,
+    scopes: str = "mcp",
+    auth_time: float | None = NOW - 60,
+    acr: str | None = None,
+) -> Facts:
+    return Facts(
+        method=method, tool=tool, scopes=frozenset(scopes.split()), auth_time=auth_time, acr=acr
+    )
 
 
 class TestEvaluate:
@@ -313,7 +327,10 @@ class TestEvaluate:
         policy = _policy(McpRule(tool="pay", max_auth_age=300.0, acr_values="urn:x"))
         old = evaluate(_facts(tool="pay", auth_time=NOW - 301), policy, NOW)
         assert (old.effect, old.max_age, old.acr_values, old.reason) == (
-            Effect.STEP_UP, 300, "urn:x", "auth_too_old"
+            Effect.STEP_UP,
+            300,
+            "urn:x",
+            "auth_too_old",
         )
         fresh = evaluate(_facts(tool="pay", auth_time=NOW - 300, acr="urn:x"), policy, NOW)
         assert fresh.effect is Effect.ALLOW
@@ -327,8 +344,11 @@ class TestEvaluate:
         """A rule with acr_values requires one of them."""
         policy = _policy(McpRule(tool="pay", acr_values="urn:a urn:b"))
         d = evaluate(_facts(tool="pay", acr="urn:c"), policy, NOW)
-        assert (d.effect, d.reason, d.acr_values) == (Effect.STEP_UP, "acr_not_accepted",
-                                                      "urn:a urn:b")
+        assert (d.effect, d.reason, d.acr_values) == (
+            Effect.STEP_UP,
+            "acr_not_accepted",
+            "urn:a urn:b",
+        )
         assert evaluate(_facts(tool="pay", acr="urn:b"), policy, NOW).effect is Effect.ALLOW
 
 
@@ -342,8 +362,14 @@ class TestEvaluateBody:
 
     def _eval(self, *msgs: dict[str, Any], auth_time: float = NOW - 120) -> Decision:
         raw = _body(list(msgs)) if len(msgs) > 1 else _body(msgs[0])
-        return evaluate_body(inspect_jsonrpc(raw), scopes=["mcp"], auth_time=auth_time,
-                             acr=None, policy=self.POLICY, now=NOW)
+        return evaluate_body(
+            inspect_jsonrpc(raw),
+            scopes=["mcp"],
+            auth_time=auth_time,
+            acr=None,
+            policy=self.POLICY,
+            now=NOW,
+        )
 
     def test_batch_never_waved_through(self) -> None:
         """One denied element denies the whole batch."""
@@ -400,8 +426,14 @@ _rules = st.lists(
     fresher_by=st.floats(0, 20_000),
 )
 def test_fresher_auth_never_turns_allow_into_deny(
-    rules: list[McpRule], default: str, method: str, tool: str, scopes: set[str],
-    acr: str | None, older: float | None, fresher_by: float,
+    rules: list[McpRule],
+    default: str,
+    method: str,
+    tool: str,
+    scopes: set[str],
+    acr: str | None,
+    older: float | None,
+    fresher_by: float,
 ) -> None:
     """Policy evaluation is monotonic in auth_time: fresher MFA never loses an allow."""
     policy = _policy(*rules, default=default)
@@ -410,9 +442,15 @@ def test_fresher_auth_never_turns_allow_into_deny(
 
     def decide(auth_time: float | None) -> Decision:
         return evaluate(
-            Facts(method=method, tool=tool if method == "tools/call" else None,
-                  scopes=frozenset(scopes), auth_time=auth_time, acr=acr),
-            policy, NOW,
+            Facts(
+                method=method,
+                tool=tool if method == "tools/call" else None,
+                scopes=frozenset(scopes),
+                auth_time=auth_time,
+                acr=acr,
+            ),
+            policy,
+            NOW,
         )
 
     if decide(t_old).allowed:

@@ -80,11 +80,9 @@ def _b64(data: bytes) -> str:
 
 
 def _forge(header: dict[str, Any], claims: dict[str, Any], key: SigningKey | None) -> str:
-    signing_input = (
-        _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(claims).encode())
-    )
-    sig = b"" if key is None else ALLOWED_ALGS[key.alg].sign(
-        signing_input.encode(), key.private_key
+    signing_input = _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(claims).encode())
+    sig = (
+        b"" if key is None else ALLOWED_ALGS[key.alg].sign(signing_input.encode(), key.private_key)
     )
     return signing_input + "." + _b64(sig)
 
@@ -210,13 +208,23 @@ class TestForgedTokens:
     def test_identity_token_is_not_an_access_token(self) -> None:
         """The gateway's own identity tokens never pass as access tokens (R28)."""
         token = mint_identity_token(
-            key=KEY, issuer=ISSUER, audience=AUD, sub="alice", client_id="c", amr=["mfa"],
-            auth_time=NOW, acr=None, scope="mcp", now=NOW, ttl=60,
+            key=KEY,
+            issuer=ISSUER,
+            audience=AUD,
+            sub="alice",
+            client_id="c",
+            amr=["mfa"],
+            auth_time=NOW,
+            acr=None,
+            scope="mcp",
+            now=NOW,
+            ttl=60,
         )
         _refused(token, "typ is not at+jwt")
 
     def test_issuer_must_own_the_key(self) -> None:
         """A key of one issuer never verifies tokens claiming another (resolver mix-up)."""
+
         def sloppy(issuer: str, kid: str) -> VerificationKey | None:
             return RING.verification_key(kid)
 
@@ -341,9 +349,17 @@ class TestIdentityToken:
     def test_identity_token_contents(self) -> None:
         """Identity tokens name subject, client and amr for the MCP server, `typ: identity+jwt`."""
         token = mint_identity_token(
-            key=KEY, issuer=ISSUER, audience="http://mcp.internal/mcp", sub="alice",
-            client_id="client-1", amr=["pwd", "otp", "mfa"], auth_time=NOW - 5, acr="urn:x",
-            scope=frozenset({"mcp"}), now=NOW, ttl=60,
+            key=KEY,
+            issuer=ISSUER,
+            audience="http://mcp.internal/mcp",
+            sub="alice",
+            client_id="client-1",
+            amr=["pwd", "otp", "mfa"],
+            auth_time=NOW - 5,
+            acr="urn:x",
+            scope=frozenset({"mcp"}),
+            now=NOW,
+            ttl=60,
         )
         head, payload, _ = token.split(".")
         header = json.loads(base64.urlsafe_b64decode(head + "=="))
@@ -351,15 +367,18 @@ class TestIdentityToken:
         assert header == {"alg": "ES256", "kid": "k1", "typ": "identity+jwt"}
         assert claims["aud"] == "http://mcp.internal/mcp"
         assert (claims["sub"], claims["client_id"], claims["amr"]) == (
-            "alice", "client-1", ["pwd", "otp", "mfa"]
+            "alice",
+            "client-1",
+            ["pwd", "otp", "mfa"],
         )
         assert claims["exp"] - claims["iat"] == 60
 
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                 max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 _MINTED = mint_access_token(_claims(), KEY)
