@@ -243,7 +243,7 @@ class UpstreamTokens:
     access_token: str
     refresh_token: str | None = None
     expires_at: float | None = None  # epoch seconds; None when the provider did not say
-    token_type: str = "Bearer"
+    token_type: str = "Bearer"  # noqa: S105 - a token type name, not a secret
     scope: str | None = None
 
     def to_json(self) -> Json:
