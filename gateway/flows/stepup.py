@@ -163,6 +163,23 @@ async def verify_stepup(
 
     submitted = "".join(code.split())[:MAX_CODE_LENGTH]
     step_ttl = regulation.replay_guard_ttl(policy)
+
+    async def check_code(seed: str) -> Reason | None:
+        """None if `submitted` matches a time step of `seed` that this call burned (R34)."""
+        step = totp.verify(
+            seed,
+            submitted,
+            now,
+            digits=policy.digits,
+            period=policy.period,
+            window=policy.window,
+            algorithm=policy.algorithm,
+        )
+        if step is None:
+            return "wrong_code"
+        if not await store.burn_step(user, step, step_ttl):
+            return "replayed"
+        return None
     method: Method
     pending: PendingEnrollment | None = None
 
@@ -178,19 +195,9 @@ async def verify_stepup(
             raise StepUpNotReady("already_enrolled")  # enrolled elsewhere meanwhile
         if not _DIGITS.match(submitted):
             return await failed("malformed")
-        step = totp.verify(
-            pending.seed,
-            submitted,
-            now,
-            digits=policy.digits,
-            period=policy.period,
-            window=policy.window,
-            algorithm=policy.algorithm,
-        )
-        if step is None:
-            return await failed("wrong_code")
-        if not await store.burn_step(user, step, step_ttl):
-            return await failed("replayed")
+        refusal = await check_code(pending.seed)
+        if refusal is not None:
+            return await failed(refusal)
         method = "enrollment"
     elif _DIGITS.match(submitted):
         record = await store.get_totp(user)
@@ -200,19 +207,9 @@ async def verify_stepup(
             seed = open_seed(sealer, record)
         except (SealError, UnicodeDecodeError):
             return await failed("seed_unreadable")
-        step = totp.verify(
-            seed,
-            submitted,
-            now,
-            digits=policy.digits,
-            period=policy.period,
-            window=policy.window,
-            algorithm=policy.algorithm,
-        )
-        if step is None:
-            return await failed("wrong_code")
-        if not await store.burn_step(user, step, step_ttl):
-            return await failed("replayed")
+        refusal = await check_code(seed)
+        if refusal is not None:
+            return await failed(refusal)
         method = "totp"
     else:
         hashed = hash_recovery_code(sealer, submitted)
