@@ -143,6 +143,23 @@ class TokenService:
         )
         return len(jtis)
 
+    async def _finish_revocation(self, gid: str) -> None:
+        """A reuse deletes the family's data atomically but its access tokens are denied in later
+        writes; if the store failed in between, the family's access-token ids are still there.
+        Any later refresh naming the grant finishes the job (fail closed, DESIGN §2.11)."""
+        leftover = await self.store.revoke_family(gid)
+        for jti, exp in leftover:
+            await self.store.revoke_jti(jti, exp)
+        if leftover:
+            await self.store.delete_blob(blob_key(gid))
+            self._count("revoked")
+            log.warning(
+                "token_revoked",
+                gid_hash=token_hash(gid)[:12],
+                reason="unfinished revocation completed",
+                access_tokens=len(leftover),
+            )
+
     async def _keep_upstream_tokens(self, code: Json, gid: str, ttl: float, now: float) -> bool:
         """Move the transaction's sealed upstream tokens to the grant when the resource forwards
         them (`forward_token = "upstream"`); otherwise drop them (no secret kept for nothing)."""
@@ -286,6 +303,7 @@ class TokenService:
         if family is None:
             # Unknown, expired or revoked; a rotated-out token of a live family is found below.
             log.info("token_rejected", client_id=client.client_id, reason="unknown family")
+            await self._finish_revocation(gid)
             raise InvalidGrant("the refresh token is invalid")
         if family.get("client_id") != client.client_id:
             log.info(
