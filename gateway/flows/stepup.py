@@ -180,6 +180,7 @@ async def verify_stepup(
         if not await store.burn_step(user, step, step_ttl):
             return "replayed"
         return None
+
     method: Method
     pending: PendingEnrollment | None = None
 
